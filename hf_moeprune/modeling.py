@@ -1,0 +1,246 @@
+"""User-facing wrappers: load an MoE model, prune or merge its experts, save or publish the result.
+
+`MoEPruneModel` wraps a transformers model (forward, generate and attributes pass through), keeps the
+`moeprune` record of everything done to it, and writes checkpoints that load with plain transformers.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .calibration import prepare_calibration
+from .checkpoint import save_checkpoint
+from .config import MoEPruneConfig
+from .families import FamilySpec, family_for_model_type
+from .methods import MethodContext, get_method
+from .moe_layers import MoELayer, find_moe_layers
+from .records import RECORD_KEY, compose_layer, count_parameters, initial_record, is_uniform
+from .surgery import apply_plan
+
+
+class MoEPruneModel(nn.Module):
+    """A transformers MoE model plus the record of the expert methods applied to it.
+
+    Args:
+        model: A loaded transformers model of a registered family.
+        tokenizer: Used to tokenise string calibration sets and saved beside the weights.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any = None) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.spec: FamilySpec = family_for_model_type(model.config.model_type)
+        existing = getattr(model.config, RECORD_KEY, None)
+        self.record: dict[str, Any] = (
+            copy.deepcopy(existing)
+            if existing
+            else initial_record(model.config.name_or_path or "", self.spec.name, self.moe_layers(), model)
+        )
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model.generate(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("model"), name)
+
+    def moe_layers(self) -> list[MoELayer]:
+        return find_moe_layers(self.model, self.spec)
+
+    def prune_experts(
+        self, config: MoEPruneConfig, calibration: Any = None, tokenizer: Any = None, **calibration_options: Any
+    ) -> MoEPruneModel:
+        """Remove experts (or zero weights inside them) with a registered method; returns self.
+
+        Args:
+            config: The recipe, e.g. `MoEPruneConfig(method="frequency", experts_per_layer=4)`.
+            calibration: Texts (with a tokenizer), a `datasets.Dataset` with a `text` column, or token ids.
+                Data-free methods ignore it.
+            tokenizer: Overrides the tokenizer loaded with the model.
+            **calibration_options: `seq_len`, `batch_size`, `max_sequences`, `text_column`, `description`.
+        """
+        return self._apply(config, calibration, tokenizer, ("prune", "unstructured"), calibration_options)
+
+    def merge_experts(
+        self, config: MoEPruneConfig, calibration: Any = None, tokenizer: Any = None, **calibration_options: Any
+    ) -> MoEPruneModel:
+        """Merge groups of experts into one with a registered merge method; returns self."""
+        return self._apply(config, calibration, tokenizer, ("merge",), calibration_options)
+
+    @torch.no_grad()
+    def _apply(
+        self,
+        config: MoEPruneConfig,
+        calibration: Any,
+        tokenizer: Any,
+        kinds: tuple[str, ...],
+        calibration_options: dict[str, Any],
+    ) -> MoEPruneModel:
+        method_class = get_method(config.method)
+        if method_class.kind not in kinds:
+            verb = "merge_experts" if method_class.kind == "merge" else "prune_experts"
+            raise ValueError(f"Method {config.method!r} is a {method_class.kind} method: call {verb}().")
+        method = method_class(config)
+        layers = self.moe_layers()
+        check_finite_weights(self.model)
+        method.validate(layers)
+        data = None
+        if method_class.needs_calibration:
+            data = prepare_calibration(calibration, tokenizer or self.tokenizer, **calibration_options)
+        context = MethodContext(model=self.model, layers=layers, spec=self.spec, config=config, calibration=data)
+        result = method.run(context)
+        if result.plan is not None:
+            apply_plan(layers, result.plan)
+            for path, layer_plan in result.plan.layers.items():
+                layer = next(item for item in layers if item.path == path)
+                self.record["layers"][path] = compose_layer(self.record["layers"][path], layer_plan, layer.top_k)
+            self._sync_config_counts(result.plan.top_k)
+        if result.weight_sparsity:
+            self.record.setdefault("weight_sparsity", {}).update(result.weight_sparsity)
+        self.record["steps"].append(
+            {
+                "method": config.method,
+                "config": config.to_dict(),
+                "calibration": data.record() if data is not None else None,
+                "forward_passes": context.forward_passes,
+                **({"details": result.details} if result.details else {}),
+            }
+        )
+        params, nbytes = count_parameters(self.model)
+        self.record["parameters"]["after"], self.record["bytes"]["after"] = params, nbytes
+        self.record["uniform"] = is_uniform(self.record)
+        setattr(self.model.config, RECORD_KEY, copy.deepcopy(self.record))
+        return self
+
+    def _sync_config_counts(self, top_k: int | None) -> None:
+        counts = [entry["num_experts"] for entry in self.record["layers"].values()]
+        setattr(self.model.config, self.spec.num_experts_key, max(counts))
+        if top_k is not None and self.spec.top_k_key:
+            setattr(self.model.config, self.spec.top_k_key, top_k)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> Path:
+        """Write the checkpoint atomically (temporary folder renamed into place) with its model card."""
+        setattr(self.model.config, RECORD_KEY, copy.deepcopy(self.record))
+        return save_checkpoint(
+            self.model,
+            self.moe_layers(),
+            self.record,
+            save_directory,
+            tokenizer=self.tokenizer,
+            task=self.spec.task,
+            extra_files=_write_card_if_available,
+            **kwargs,
+        )
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        commit_message: str | None = None,
+        create_pr: bool = False,
+        **save_kwargs: Any,
+    ) -> str:
+        """Save to a temporary folder (weights, config, tokenizer, generated card) and upload it."""
+        from .hub import push_checkpoint
+
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = self.save_pretrained(Path(tmp) / "checkpoint", **save_kwargs)
+            return push_checkpoint(
+                folder, repo_id, private=private, token=token, revision=revision,
+                commit_message=commit_message, create_pr=create_pr,
+            )
+
+    def summary(self) -> list[dict[str, Any]]:
+        """Per MoE layer: path, experts now and originally, top-k."""
+        return [
+            {
+                "layer": layer.path,
+                "num_experts": layer.num_experts,
+                "original_num_experts": self.record["layers"][layer.path]["original_num_experts"],
+                "top_k": layer.top_k,
+            }
+            for layer in self.moe_layers()
+        ]
+
+
+def _write_card_if_available(folder: Path) -> None:
+    try:
+        from .hub import write_model_card
+    except ImportError:
+        return
+    write_model_card(folder)
+
+
+def check_finite_weights(model: nn.Module) -> None:
+    """A ValueError naming the first floating-point tensor holding NaN or infinity."""
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.is_floating_point() and tensor.device.type != "meta" and not torch.isfinite(tensor).all():
+            raise ValueError(f"Weight {name!r} contains NaN or infinite values; refusing to prune a broken model.")
+
+
+class _AutoMoEPruneModel:
+    """Loads a checkpoint of a registered family, including non-uniform hf_moeprune results."""
+
+    task: str
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> MoEPruneModel:
+        from transformers import AutoConfig, AutoTokenizer
+
+        tokenizer_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir") if k in kwargs}
+        config = kwargs.pop("config", None) or AutoConfig.from_pretrained(pretrained_model_name_or_path, **tokenizer_kwargs)
+        spec = family_for_model_type(config.model_type)
+        if spec.task != cls.task:
+            raise ValueError(f"{config.model_type!r} is a {spec.task} family; use the matching AutoMoEPrune class.")
+        model_class = cls._model_class(config)
+        model = model_class.from_pretrained(pretrained_model_name_or_path, config=config, **kwargs)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **tokenizer_kwargs)
+        except (OSError, ValueError, TypeError):
+            tokenizer = None
+        return MoEPruneModel(model, tokenizer)
+
+    @classmethod
+    def from_model(cls, model: nn.Module, tokenizer: Any = None) -> MoEPruneModel:
+        return MoEPruneModel(model, tokenizer)
+
+    @classmethod
+    def _model_class(cls, config: Any) -> type:
+        from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+        from .nonuniform import with_per_layer_experts
+
+        auto = AutoModelForCausalLM if cls.task == "causal-lm" else AutoModelForSeq2SeqLM
+        base = auto._model_mapping[type(config)]
+        record = getattr(config, RECORD_KEY, None) or {}
+        if record.get("uniform", True):
+            return base
+        return with_per_layer_experts(base)
+
+
+class AutoMoEPruneModelForCausalLM(_AutoMoEPruneModel):
+    """`AutoMoEPruneModelForCausalLM.from_pretrained(path)` for decoder-only MoE families."""
+
+    task = "causal-lm"
+
+
+class AutoMoEPruneModelForSeq2SeqLM(_AutoMoEPruneModel):
+    """`AutoMoEPruneModelForSeq2SeqLM.from_pretrained(path)` for encoder-decoder MoE families (Switch)."""
+
+    task = "seq2seq-lm"

@@ -1,0 +1,74 @@
+"""The `moeprune` record kept in `config.json`: what was done, and the map from new to original experts.
+
+The record composes across steps (merge, then prune): `groups[j]` always lists indices of the ORIGINAL
+model's experts that new expert j came from, with `merge_weights[j]` their share.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from . import __version__
+from .moe_layers import MoELayer
+from .surgery import LayerPlan
+
+RECORD_KEY = "moeprune"
+
+
+def initial_record(model_name: str, family: str, layers: Sequence[MoELayer], model: nn.Module) -> dict[str, Any]:
+    """The record of an unmodified model: identity maps and the parameter/byte totals to compare against."""
+    params, nbytes = count_parameters(model)
+    return {
+        "library_version": __version__,
+        "base_model": model_name,
+        "family": family,
+        "uniform": True,
+        "steps": [],
+        "layers": {
+            layer.path: {
+                "original_num_experts": layer.num_experts,
+                "num_experts": layer.num_experts,
+                "top_k": layer.top_k,
+                "groups": [[e] for e in range(layer.num_experts)],
+                "merge_weights": [[1.0] for _ in range(layer.num_experts)],
+            }
+            for layer in layers
+        },
+        "parameters": {"before": params, "after": params},
+        "bytes": {"before": nbytes, "after": nbytes},
+    }
+
+
+def compose_layer(entry: dict[str, Any], plan: LayerPlan, top_k: int) -> dict[str, Any]:
+    """Apply a layer plan to a layer's record, mapping new experts back to original ones."""
+    groups, weights = entry["groups"], entry["merge_weights"]
+    new_groups, new_weights = [], []
+    for group, group_weights in zip(plan.groups, plan.normalised_weights(), strict=True):
+        merged: dict[int, float] = {}
+        for current, share in zip(group, group_weights, strict=True):
+            for original, inner in zip(groups[current], weights[current], strict=True):
+                merged[original] = merged.get(original, 0.0) + share * inner
+        originals = sorted(merged)
+        new_groups.append(originals)
+        new_weights.append([round(merged[o], 6) for o in originals])
+    return {**entry, "num_experts": len(plan.groups), "top_k": top_k, "groups": new_groups, "merge_weights": new_weights}
+
+
+def is_uniform(record: dict[str, Any]) -> bool:
+    return len({entry["num_experts"] for entry in record["layers"].values()}) <= 1
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(parameters, bytes) of the model's weights, shared tensors counted once."""
+    seen: set[int] = set()
+    params = nbytes = 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        params += tensor.numel()
+        nbytes += tensor.numel() * tensor.element_size()
+    return params, nbytes

@@ -1,0 +1,137 @@
+"""Expert surgery written once: apply a per-layer keep / merge plan to any family.
+
+Scoring (which needs data) is kept apart from surgery (which needs none): a method produces a
+`ReductionPlan`, and `apply_plan` rewrites expert weights, router rows and biases and the count attributes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from .moe_layers import MoELayer
+
+
+@dataclass
+class LayerPlan:
+    """What one MoE layer becomes.
+
+    Args:
+        groups: For each new expert, the indices of the current experts it is built from. A group of one
+            keeps that expert untouched; a larger group is merged.
+        weights: Merge weights per group (normalised to sum to 1 when applied). None means equal weights.
+        router_rows: How a merged expert's router row (and router biases) are formed: `"weighted"` (the
+            merge-weighted average of the members' rows) or `"anchor"` (the first member's row).
+    """
+
+    groups: list[list[int]]
+    weights: list[list[float]] | None = None
+    router_rows: Literal["weighted", "anchor"] = "weighted"
+
+    @classmethod
+    def keep(cls, indices: Sequence[int]) -> LayerPlan:
+        """Keep the experts at `indices` (in ascending order, so kept experts stay in their original order)."""
+        return cls(groups=[[int(i)] for i in sorted(indices)])
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.groups)
+
+    def normalised_weights(self) -> list[list[float]]:
+        if self.weights is None:
+            return [[1.0 / len(g)] * len(g) for g in self.groups]
+        result = []
+        for group, weights in zip(self.groups, self.weights, strict=True):
+            total = float(sum(weights))
+            if len(weights) != len(group) or total <= 0:
+                raise ValueError(f"Merge weights {weights} do not fit group {group}.")
+            result.append([float(w) / total for w in weights])
+        return result
+
+
+@dataclass
+class ReductionPlan:
+    """A `LayerPlan` per MoE layer path; layers left out are not changed."""
+
+    layers: dict[str, LayerPlan] = field(default_factory=dict)
+    top_k: int | None = None
+
+
+def validate_layer_plan(layer: MoELayer, plan: LayerPlan, top_k: int | None = None) -> None:
+    """Raise a ValueError naming the layer when the plan cannot be applied."""
+    if not plan.groups:
+        raise ValueError(f"{layer.path}: the plan keeps no expert.")
+    seen: set[int] = set()
+    for group in plan.groups:
+        if not group:
+            raise ValueError(f"{layer.path}: the plan has an empty group.")
+        for index in group:
+            if not 0 <= index < layer.num_experts:
+                raise ValueError(f"{layer.path}: expert index {index} out of range (layer has {layer.num_experts}).")
+            if index in seen:
+                raise ValueError(f"{layer.path}: expert {index} appears in more than one group.")
+            seen.add(index)
+    effective_top_k = top_k if top_k is not None else layer.top_k
+    if plan.num_experts < effective_top_k:
+        raise ValueError(
+            f"{layer.path}: {plan.num_experts} experts is below the router's top-k of {effective_top_k}; "
+            "set MoEPruneConfig(top_k=...) to lower top-k as well."
+        )
+    divisor_key = layer.spec.experts_divisible_by_key
+    if divisor_key:
+        divisor = getattr(_model_config_of(layer), divisor_key, None) or 1
+        if plan.num_experts % divisor:
+            raise ValueError(
+                f"{layer.path}: {plan.num_experts} experts is not divisible by {divisor_key}={divisor} "
+                "(grouped routing needs equal groups)."
+            )
+
+
+def _model_config_of(layer: MoELayer):
+    for module in (layer.block, layer.router, layer.experts):
+        config = getattr(module, "config", None)
+        if config is not None:
+            return config
+    return None
+
+
+def _combine(tensor: torch.Tensor, groups: list[list[int]], weights: list[list[float]]) -> torch.Tensor:
+    """New `[E', ...]` tensor whose row j is the weighted sum of `tensor`'s rows in group j (in float32)."""
+    rows = []
+    for group, group_weights in zip(groups, weights, strict=True):
+        if len(group) == 1:
+            rows.append(tensor[group[0]].detach().clone())
+            continue
+        stacked = tensor[group].detach().float()
+        w = torch.tensor(group_weights, dtype=torch.float32, device=stacked.device).view(-1, *([1] * (stacked.dim() - 1)))
+        rows.append((stacked * w).sum(0).to(tensor.dtype))
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def apply_layer_plan(layer: MoELayer, plan: LayerPlan, top_k: int | None = None) -> None:
+    """Rewrite one layer in place: expert weights, router rows and biases, count and top-k attributes."""
+    validate_layer_plan(layer, plan, top_k)
+    old_count = layer.num_experts
+    weights = plan.normalised_weights()
+    new_experts = {name: _combine(t, plan.groups, weights) for name, t in layer.expert_tensors().items()}
+    router_weights = weights if plan.router_rows == "weighted" else [[1.0] + [0.0] * (len(g) - 1) for g in plan.groups]
+    new_router = {name: _combine(t, plan.groups, router_weights) for name, t in layer.router_tensors().items()}
+    layer.set_expert_tensors(new_experts)
+    layer.set_router_tensors(new_router)
+    layer.set_counts(old_count, plan.num_experts, top_k)
+
+
+def apply_plan(layers: Sequence[MoELayer], plan: ReductionPlan) -> None:
+    """Validate every layer's plan first, then apply them: a bad plan changes nothing."""
+    by_path = {layer.path: layer for layer in layers}
+    unknown = sorted(set(plan.layers) - set(by_path))
+    if unknown:
+        raise ValueError(f"The plan names layers the model does not have: {unknown}.")
+    for path, layer_plan in plan.layers.items():
+        validate_layer_plan(by_path[path], layer_plan, plan.top_k)
+    for path, layer_plan in plan.layers.items():
+        apply_layer_plan(by_path[path], layer_plan, plan.top_k)
