@@ -59,7 +59,9 @@ def register_arctic() -> None:
     AutoConfig.register(ArcticConfig.model_type, ArcticConfig, exist_ok=True)
     AutoModel.register(ArcticConfig, ArcticModel, exist_ok=True)
     AutoModelForCausalLM.register(ArcticConfig, ArcticForCausalLM, exist_ok=True)
-    register_checkpoint_conversion_mapping(ArcticConfig.model_type, arctic_weight_conversions(), overwrite=True)
+    register_checkpoint_conversion_mapping(
+        ArcticConfig.model_type, arctic_weight_conversions(), overwrite=True
+    )
     _REGISTERED = True
 
 

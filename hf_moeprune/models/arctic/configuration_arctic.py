@@ -142,7 +142,8 @@ class ArcticConfig(PreTrainedConfig):
         if not self.is_moe_layer(layer_idx):
             raise ValueError(f"Layer {layer_idx} is a dense layer: it has no experts.")
         counts = [
-            num_experts if i == layer_idx else self.num_experts_for_layer(i) for i in range(self.num_hidden_layers)
+            num_experts if i == layer_idx else self.num_experts_for_layer(i)
+            for i in range(self.num_hidden_layers)
         ]
         moe_counts = {counts[i] for i in self.moe_layer_indices()}
         if len(moe_counts) == 1:

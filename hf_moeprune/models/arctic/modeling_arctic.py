@@ -105,7 +105,9 @@ class ArcticExperts(nn.Module):
         self.num_experts = num_experts
         self.hidden_dim = config.hidden_size
         self.intermediate_dim = config.intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * self.intermediate_dim, self.hidden_dim))
+        self.gate_up_proj = nn.Parameter(
+            torch.empty(self.num_experts, 2 * self.intermediate_dim, self.hidden_dim)
+        )
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
         self.act_fn = ACT2FN[config.hidden_act]
 
@@ -319,10 +321,14 @@ class ArcticModel(ArcticPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         if position_ids is None:
             past_seen_tokens = cache.get_seq_length() if cache is not None else 0
-            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = (
+                torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            )
             position_ids = position_ids.unsqueeze(0)
 
-        mask_function = create_causal_mask if self.config.sliding_window is None else create_sliding_window_causal_mask
+        mask_function = (
+            create_causal_mask if self.config.sliding_window is None else create_sliding_window_causal_mask
+        )
         causal_mask = mask_function(
             config=self.config,
             inputs_embeds=inputs_embeds,
@@ -359,7 +365,8 @@ def arctic_load_balancing_loss(
     if not router_logits or not isinstance(router_logits, tuple):
         return 0
     losses = [
-        load_balancing_loss_func((logits,), logits.shape[-1], top_k, attention_mask) for logits in router_logits
+        load_balancing_loss_func((logits,), logits.shape[-1], top_k, attention_mask)
+        for logits in router_logits
     ]
     return torch.stack([torch.as_tensor(loss) for loss in losses]).mean()
 
@@ -418,7 +425,9 @@ class ArcticForCausalLM(ArcticPreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
         aux_loss = None
         if output_router_logits:
-            aux_loss = arctic_load_balancing_loss(outputs.router_logits, self.num_experts_per_tok, attention_mask)
+            aux_loss = arctic_load_balancing_loss(
+                outputs.router_logits, self.num_experts_per_tok, attention_mask
+            )
             if labels is not None:
                 loss += self.router_aux_loss_coef * aux_loss.to(loss.device)
 
