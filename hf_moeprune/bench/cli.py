@@ -1,0 +1,159 @@
+"""`python -m hf_moeprune.bench` / `accelerate launch -m hf_moeprune.bench` / `torchrun -m hf_moeprune.bench`.
+
+Inside a launch (torchrun, accelerate launch, mpirun) it measures every model at the launch's number of processes.
+Started plainly with `--processes 1 2`, it runs one torchrun launch per count itself and merges them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+from .runner import BenchArgs
+
+LAUNCH_ENV = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One option per `BenchArgs` field, its help from the field's metadata."""
+    for f in dataclasses.fields(BenchArgs):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        if f.name == "model":
+            parser.add_argument(flag, required=True, help=help_text)
+        elif f.type in ("bool", bool):
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text
+            )
+        elif f.name == "compare":
+            parser.add_argument(flag, nargs="+", default=[], help=help_text)
+        else:
+            kind = {"int": int, "str | None": str, "str": str}.get(str(f.type), str)
+            parser.add_argument(flag, type=kind, default=f.default, help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m hf_moeprune.bench",
+        description="Latency, throughput, memory and communication share of MoE checkpoints, expert-parallel "
+        "across the processes of a launch.",
+    )
+    add_bench_arguments(parser)
+    parser.add_argument("--output", default="bench.json", help="JSON file with every measurement.")
+    parser.add_argument("--plot", default=None, help="PNG path (default: the output with .png).")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="Run one torchrun launch per process count (e.g. 1 2) and merge them; only outside a launch.",
+    )
+    parser.add_argument(
+        "--part", action="store_true", help=argparse.SUPPRESS
+    )  # child of --processes: JSON only
+    return parser
+
+
+def bench_args_from(namespace: argparse.Namespace) -> BenchArgs:
+    return BenchArgs(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(BenchArgs)})
+
+
+def bench_args_to_argv(args: BenchArgs) -> list[str]:
+    argv = []
+    for f in dataclasses.fields(BenchArgs):
+        value, flag = getattr(args, f.name), "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, list):
+            if value:
+                argv += [flag, *map(str, value)]
+        elif value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+def launched() -> bool:
+    return any(int(os.environ.get(name, "1")) > 1 for name in LAUNCH_ENV) or "LOCAL_RANK" in os.environ
+
+
+def spawn_launches(args: BenchArgs, processes: list[int], timeout: float | None = None) -> list[dict]:
+    """One `python -m torch.distributed.run --standalone --nproc_per_node N -m hf_moeprune.bench` per N; their
+    results, in order."""
+    results = []
+    with tempfile.TemporaryDirectory(prefix="moeprune-bench-") as tmp:
+        for count in processes:
+            part = os.path.join(tmp, f"part{count}.json")
+            command = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node",
+                str(count),
+                "-m",
+                "hf_moeprune.bench",
+                *bench_args_to_argv(args),
+                "--output",
+                part,
+                "--part",
+            ]
+            print(f"[bench] launching {count} process(es): {' '.join(command)}", file=sys.stderr, flush=True)
+            subprocess.run(command, check=True, timeout=timeout)
+            with open(part) as handle:
+                results += json.load(handle)["results"]
+    return results
+
+
+def write_outputs(payload: dict, output: str, plot: str | None) -> None:
+    from .plot import plot_benchmark
+    from .report import summary_table
+
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    plot = plot or os.path.splitext(output)[0] + ".png"
+    payload["plot"] = plot_benchmark(payload["results"], plot)
+    with open(output, "w") as handle:
+        json.dump(payload, handle, indent=2)
+    print(summary_table(payload["results"]))
+    print(f"\nwrote {output} and {plot}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    namespace = build_parser().parse_args(argv)
+    args = bench_args_from(namespace)
+    if namespace.processes and not launched():
+        import time
+
+        results = spawn_launches(args, namespace.processes)
+        payload = {
+            "schema_version": 1,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "args": dataclasses.asdict(args),
+            "processes": namespace.processes,
+            "results": results,
+        }
+        write_outputs(payload, namespace.output, namespace.plot)
+        return 0
+
+    from .runner import run_launch
+    from .timing import world
+
+    payload = run_launch(args)
+    if world()[0] == 0:
+        if namespace.part:
+            with open(namespace.output, "w") as handle:
+                json.dump(payload, handle, indent=2)
+        else:
+            write_outputs(payload, namespace.output, namespace.plot)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
