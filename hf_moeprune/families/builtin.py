@@ -82,6 +82,17 @@ BUILTIN_FAMILIES: tuple[FamilySpec, ...] = (
         ),
     ),
     FamilySpec(
+        # native implementation in hf_moeprune/models/arctic (not shipped with transformers)
+        name="arctic",
+        model_types=("arctic",),
+        moe_block_patterns=("model.layers.*.block_sparse_moe",),
+        router="gate",
+        experts="experts",
+        num_experts_key="num_local_experts",
+        top_k_key="num_experts_per_tok",
+        dense_mlp_patterns=("model.layers.*.residual_mlp", "model.layers.*.block_sparse_moe.mlp"),
+    ),
+    FamilySpec(
         name="switch_transformers",
         model_types=("switch_transformers",),
         moe_block_patterns=("encoder.block.*.layer.1.mlp", "decoder.block.*.layer.2.mlp"),
