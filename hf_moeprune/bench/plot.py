@@ -81,7 +81,7 @@ def plot_sweep(points: list[dict], path: str, quality_key: str = "perplexity") -
     )
     for ax, (value, ylabel) in zip(axes, panels, strict=True):
         for procs, rows in sorted(by_procs.items()):
-            rows = sorted(rows, key=lambda p: p[quality_key])
+            rows = sorted(rows, key=lambda p: -p["mean_experts"])  # the line runs along the pruning
             xs, ys = [p[quality_key] for p in rows], [value(p) for p in rows]
             ax.plot(xs, ys, marker="o", label=f"{procs} process(es)")
             for x, y, p in zip(xs, ys, rows, strict=True):

@@ -1,0 +1,173 @@
+"""Sweep: prune one base model to several expert counts, measure quality and speed, plot the trade-off.
+
+    python -m hf_moeprune.bench.sweep --model BASE --experts 6 4 2 --method frequency \
+        --calibration calib.txt --eval-text heldout.txt --processes 1 2 --expert-parallel \
+        --output-dir sweep/
+
+For each count N it writes `sweep/experts-N/` with `AutoMoEPruneModelForCausalLM(...).prune_experts(
+MoEPruneConfig(method=..., experts_per_layer=N))` (kept if already there), computes held-out perplexity, then runs
+the benchmark (one torchrun launch per process count) over the base and every reduced checkpoint. Output:
+`sweep.json` (every benchmark field plus `perplexity` per point), `sweep.png` (latency and expert memory against
+perplexity), `bench.png` (latency against experts and processes) and the summary table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+from .cli import add_bench_arguments, bench_args_from, spawn_launches
+from .plot import plot_benchmark, plot_sweep
+from .report import summary_table
+
+
+def read_texts(path: str) -> list[str]:
+    with open(path) as handle:
+        return [line.strip() for line in handle if line.strip()]
+
+
+def token_ids(model_path: str, text_file: str | None, vocab_size: int, count: int, seq_len: int, seed: int):
+    """`[count, seq_len]` token ids from a text file through the checkpoint's tokenizer, or random ids when no
+    file is given (speed-only sweeps and tests; the perplexity of random ids only ranks the models)."""
+    if text_file:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        with open(text_file) as handle:
+            ids = tokenizer(handle.read(), return_tensors="pt").input_ids[0]
+        usable = (ids.numel() // seq_len) * seq_len
+        if usable == 0:
+            raise ValueError(f"{text_file} holds fewer than {seq_len} tokens")
+        return ids[:usable].view(-1, seq_len)[:count]
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (count, seq_len), generator=generator)
+
+
+@torch.no_grad()
+def perplexity(model, ids: torch.Tensor, batch_size: int = 8) -> float:
+    """exp(mean next-token negative log-likelihood) over the rows of `ids`."""
+    total, count = 0.0, 0
+    for start in range(0, ids.shape[0], batch_size):
+        batch = ids[start : start + batch_size]
+        logits = model(input_ids=batch).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+        )
+        total += float(nll)
+        count += batch[:, 1:].numel()
+    return math.exp(total / count)
+
+
+def evaluate_perplexity(model_path: str, ids: torch.Tensor) -> float:
+    from .expert_parallel import load_pretrained
+
+    model = load_pretrained(model_path, dtype=torch.float32).eval()
+    return perplexity(model, ids)
+
+
+def prune_to(base: str, experts: int, out_dir: str, method: str, calibration, seed: int) -> str:
+    """`out_dir/experts-N`, pruned from `base` with the core API (reused when it is already there)."""
+    from hf_moeprune import AutoMoEPruneModelForCausalLM, MoEPruneConfig
+
+    target = os.path.join(out_dir, f"experts-{experts}")
+    if os.path.isfile(os.path.join(target, "config.json")):
+        print(f"[sweep] reusing {target}", file=sys.stderr, flush=True)
+        return target
+    print(f"[sweep] pruning {base} to {experts} experts per layer with {method}", file=sys.stderr, flush=True)
+    model = AutoMoEPruneModelForCausalLM.from_pretrained(base)
+    model.prune_experts(
+        MoEPruneConfig(method=method, experts_per_layer=experts, seed=seed), calibration=calibration
+    )
+    model.save_pretrained(target)
+    return target
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m hf_moeprune.bench.sweep", description=__doc__.split("\n\n")[0]
+    )
+    add_bench_arguments(parser, skip=("compare",))
+    parser.add_argument(
+        "--experts", type=int, nargs="+", required=True, help="Expert counts per layer to prune to."
+    )
+    parser.add_argument(
+        "--method", default="frequency", help="Registered pruning method (MoEPruneConfig.method)."
+    )
+    parser.add_argument("--calibration", default=None, help="Calibration text file (one text per line).")
+    parser.add_argument(
+        "--calibration-samples", type=int, default=64, help="Random calibration rows without a file."
+    )
+    parser.add_argument(
+        "--eval-text", default=None, help="Held-out text for perplexity (random ids without it)."
+    )
+    parser.add_argument(
+        "--eval-sequences", type=int, default=32, help="Held-out sequences of --seq-len tokens."
+    )
+    parser.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="Process counts to launch.")
+    parser.add_argument("--output-dir", required=True, help="Where the reduced checkpoints and results go.")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    namespace = build_parser().parse_args(argv)
+    namespace.compare = []
+    args = bench_args_from(namespace)
+    os.makedirs(namespace.output_dir, exist_ok=True)
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(args.model).get_text_config().vocab_size
+    calibration = (
+        read_texts(namespace.calibration)
+        if namespace.calibration
+        else token_ids(args.model, None, vocab, namespace.calibration_samples, args.seq_len, args.seed + 1)
+    )
+    reduced = [
+        prune_to(args.model, n, namespace.output_dir, namespace.method, calibration, args.seed)
+        for n in sorted(set(namespace.experts), reverse=True)
+    ]
+    eval_ids = token_ids(
+        args.model, namespace.eval_text, vocab, namespace.eval_sequences, args.seq_len, args.seed + 2
+    )
+    quality = {}
+    for path in [args.model, *reduced]:
+        quality[path] = evaluate_perplexity(path, eval_ids)
+        print(f"[sweep] perplexity {path}: {quality[path]:.3f}", file=sys.stderr, flush=True)
+
+    args = dataclasses.replace(args, compare=reduced)
+    results = spawn_launches(args, namespace.processes)
+    for r in results:
+        r["perplexity"] = quality[r["model"]]
+    payload = {
+        "schema_version": 1,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "args": dataclasses.asdict(args),
+        "sweep": {
+            "method": namespace.method,
+            "experts": namespace.experts,
+            "calibration": namespace.calibration or f"{namespace.calibration_samples} random rows",
+            "eval_text": namespace.eval_text or f"{namespace.eval_sequences} random rows",
+            "perplexity": quality,
+        },
+        "processes": namespace.processes,
+        "results": results,
+    }
+    payload["plot"] = plot_benchmark(results, os.path.join(namespace.output_dir, "bench.png"))
+    payload["sweep_plot"] = plot_sweep(results, os.path.join(namespace.output_dir, "sweep.png"))
+    output = os.path.join(namespace.output_dir, "sweep.json")
+    with open(output, "w") as handle:
+        json.dump(payload, handle, indent=2)
+    print(summary_table(results))
+    print("\nperplexity: " + ", ".join(f"{os.path.basename(k)} {v:.3f}" for k, v in quality.items()))
+    print(f"wrote {output}, {payload['plot']} and {payload['sweep_plot']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
