@@ -8,6 +8,7 @@ independent of the fused layout of the implementation.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 
@@ -18,6 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from hf_moeprune import AutoMoEPruneModelForCausalLM, MoEPruneConfig, registered_methods
+from hf_moeprune.families import family_for_model_type
 from hf_moeprune.models.arctic import ArcticConfig, ArcticForCausalLM, register_arctic
 
 VOCAB, HIDDEN, INTER, HEADS, KV_HEADS = 48, 32, 40, 4, 2
@@ -417,3 +420,121 @@ def test_register_is_idempotent():
     register_arctic()
     register_arctic()
     assert AutoConfig.for_model("arctic").__class__ is ArcticConfig
+
+
+# ---------------------------------------------------------------- pruning and merging through the wrappers
+
+METHODS = sorted(registered_methods())
+SCENARIOS = {
+    # every layer MoE, one expert count, the same target in every layer
+    "uniform": dict(
+        config=dict(num_layers=2, num_experts=6, moe_layer_frequency=1), target=dict(experts_per_layer=3)
+    ),
+    # dense and MoE layers, per-layer counts (STUN form), a share of each layer removed: stays per-layer
+    "per_layer": dict(
+        config=dict(num_layers=4, num_experts=[0, 8, 0, 4], moe_layer_frequency=2),
+        target=dict(expert_sparsity=0.5),
+    ),
+}
+
+
+def _recipe(name: str, target: dict) -> MoEPruneConfig:
+    kind = registered_methods()[name].kind
+    if kind == "unstructured":
+        return MoEPruneConfig(method=name, weight_sparsity=0.5)
+    return MoEPruneConfig(method=name, **target)
+
+
+def _dense_weights(model) -> dict[str, torch.Tensor]:
+    return {
+        name: p.detach().clone()
+        for name, p in model.named_parameters()
+        if ".residual_mlp." in name or ".block_sparse_moe.mlp." in name
+    }
+
+
+def test_family_spec_finds_moe_blocks_and_dense_mlps():
+    cfg = original_config(num_layers=4, moe_layer_frequency=2, parallel_attn_mlp_res=True)
+    model = ArcticForCausalLM._from_config(AutoConfig.for_model(**cfg))
+    wrapped = AutoMoEPruneModelForCausalLM.from_model(model)
+    spec = family_for_model_type("arctic")
+    assert wrapped.spec is spec
+    assert [layer.path for layer in wrapped.moe_layers()] == [
+        "model.layers.1.block_sparse_moe",
+        "model.layers.3.block_sparse_moe",
+    ]
+    # the residual and dense-layer MLPs are described for weight-level methods, never as experts
+    modules = [name for name, _ in model.named_modules()]
+    dense = sorted(
+        name
+        for name in modules
+        for pattern in spec.dense_mlp_patterns
+        if fnmatch.fnmatchcase(name, pattern) and name.count(".") == pattern.count(".")
+    )
+    assert dense == [
+        "model.layers.0.block_sparse_moe.mlp",
+        "model.layers.1.residual_mlp",
+        "model.layers.2.block_sparse_moe.mlp",
+        "model.layers.3.residual_mlp",
+    ]
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+@pytest.mark.parametrize("method", METHODS)
+def test_prune_or_merge_save_reload(method, scenario, tmp_path):
+    setup = SCENARIOS[scenario]
+    cfg = original_config(parallel_attn_mlp_res=True, **setup["config"])
+    write_checkpoint(tmp_path / "base", cfg, original_state_dict(cfg))
+    model = AutoMoEPruneModelForCausalLM.from_pretrained(tmp_path / "base")
+    before = {layer.path: layer.num_experts for layer in model.moe_layers()}
+    dense_before = _dense_weights(model.model)
+
+    recipe = _recipe(method, setup["target"])
+    calibration = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(5))
+    kind = registered_methods()[method].kind
+    if kind == "merge":
+        model.merge_experts(recipe, calibration=calibration)
+    else:
+        model.prune_experts(recipe, calibration=calibration)
+
+    after = {layer.path: layer.num_experts for layer in model.moe_layers()}
+    dense_after = _dense_weights(model.model)
+    if kind == "unstructured":
+        assert after == before
+        # the residual MLP is reachable by weight-level pruning
+        zeros = [float((dense_after[n] == 0).float().mean()) for n in dense_after if ".residual_mlp." in n]
+        assert max(zeros) > 0.25, "the unstructured phase left Arctic's residual MLP dense"
+    else:
+        expected = {
+            "uniform": {p: 3 for p in before},
+            "per_layer": {"model.layers.1.block_sparse_moe": 4, "model.layers.3.block_sparse_moe": 2},
+        }[scenario]
+        assert after == expected
+        # expert methods never touch the residual or dense-layer MLPs
+        assert dense_after.keys() == dense_before.keys()
+        for name, value in dense_before.items():
+            assert torch.equal(dense_after[name], value), name
+
+    input_ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        logits = model(input_ids).logits
+    assert torch.isfinite(logits).all()
+    model.save_pretrained(tmp_path / "pruned")
+
+    # config.json describes the weights: per-layer list while counts differ, original key names
+    saved_cfg = json.loads((tmp_path / "pruned" / "config.json").read_text())
+    counts = [after.get(f"model.layers.{i}.block_sparse_moe", 0) for i in range(cfg["num_hidden_layers"])]
+    moe_counts = {c for i, c in enumerate(counts) if _is_moe(cfg, i)}
+    assert saved_cfg["num_local_experts"] == (moe_counts.pop() if len(moe_counts) == 1 else counts)
+    with safe_open(str(tmp_path / "pruned" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert not any("gate_up_proj" in k or "down_proj" in k for k in keys)
+    for path, n in after.items():
+        assert {k for k in keys if k.startswith(f"{path}.experts.") and k.endswith(".w1.weight")} == {
+            f"{path}.experts.{j}.w1.weight" for j in range(n)
+        }
+
+    for loader in (AutoMoEPruneModelForCausalLM, AutoModelForCausalLM):
+        reloaded = loader.from_pretrained(tmp_path / "pruned")
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded(input_ids).logits, logits, rtol=0, atol=0)

@@ -276,6 +276,27 @@ class ArcticPreTrainedModel(PreTrainedModel):
         "attentions": ArcticAttention,
     }
 
+    def expert_counts(self) -> list[int]:
+        """Experts each decoder layer holds now (0 for dense layers), read from the modules themselves."""
+        base = getattr(self, self.base_model_prefix, self)
+        return [
+            layer.block_sparse_moe.experts.num_experts if layer.is_moe_layer else 0 for layer in base.layers
+        ]
+
+    def sync_config_expert_counts(self) -> None:
+        """Make `config.num_local_experts` describe the experts the layers hold now.
+
+        Expert surgery may leave the config with one count while layers differ; this writes the per-layer
+        list (or an int when every MoE layer agrees), so the saved `config.json` rebuilds these shapes.
+        """
+        for i, count in enumerate(self.expert_counts()):
+            if self.config.is_moe_layer(i) and count != self.config.num_experts_for_layer(i):
+                self.config.set_num_experts_for_layer(i, count)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        self.sync_config_expert_counts()
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def _init_weights(self, module):
         super()._init_weights(module)
         std = self.config.initializer_range
