@@ -98,7 +98,7 @@ class MoEPruneModel(nn.Module):
         check_finite_weights(self.model)
         method.validate(layers)
         data = None
-        if method_class.needs_calibration:
+        if method.needs_calibration:
             data = prepare_calibration(calibration, tokenizer or self.tokenizer, **calibration_options)
         context = MethodContext(model=self.model, layers=layers, spec=self.spec, config=config, calibration=data)
         result = method.run(context)
@@ -108,6 +108,9 @@ class MoEPruneModel(nn.Module):
                 layer = next(item for item in layers if item.path == path)
                 self.record["layers"][path] = compose_layer(self.record["layers"][path], layer_plan, layer.top_k)
             self._sync_config_counts(result.plan.top_k)
+        after = method.after_surgery(context)
+        if after:
+            result.weight_sparsity = {**(result.weight_sparsity or {}), **after}
         if result.weight_sparsity:
             self.record.setdefault("weight_sparsity", {}).update(result.weight_sparsity)
         self.record["steps"].append(

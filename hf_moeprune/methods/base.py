@@ -66,7 +66,9 @@ class ExpertMethod:
         pretty_name: Name shown in model cards.
         paper: Link to the method's paper (None for plain baselines).
         kind: `"prune"` (removes experts), `"merge"` (merges experts) or `"unstructured"` (zeros weights).
-        needs_calibration: False for data-free methods, which then run without any forward pass.
+        needs_calibration: False for data-free methods, which then run without any forward pass. A method
+            whose need depends on its config (STUN's router-weight variant) overrides it per instance; the
+            wrapper reads it from the instance.
     """
 
     name: ClassVar[str]
@@ -87,3 +89,11 @@ class ExpertMethod:
 
     def run(self, context: MethodContext) -> MethodResult:
         raise NotImplementedError
+
+    def after_surgery(self, context: MethodContext) -> dict[str, float] | None:
+        """Called by the wrapper after `run`'s plan is applied; override to change the reduced model further.
+
+        Two-phase methods (STUN: experts first, then weights inside the survivors) do their second phase
+        here, on the model as the plan left it. Returns achieved weight sparsity per module path, or None.
+        """
+        return None
