@@ -82,7 +82,9 @@ BUILTIN_FAMILIES: tuple[FamilySpec, ...] = (
         ),
     ),
     FamilySpec(
-        # native implementation in hf_moeprune/models/arctic (not shipped with transformers)
+        # native implementation in hf_moeprune/models/arctic (not shipped with transformers). The residual
+        # MLP and dense-layer MLPs sit outside the MoE block: expert methods never see them, the unstructured
+        # phase reaches them as `dense_mlp` linears.
         name="arctic",
         model_types=("arctic",),
         moe_block_patterns=("model.layers.*.block_sparse_moe",),
@@ -90,7 +92,6 @@ BUILTIN_FAMILIES: tuple[FamilySpec, ...] = (
         experts="experts",
         num_experts_key="num_local_experts",
         top_k_key="num_experts_per_tok",
-        dense_mlp_patterns=("model.layers.*.residual_mlp", "model.layers.*.block_sparse_moe.mlp"),
     ),
     FamilySpec(
         name="switch_transformers",

@@ -65,9 +65,6 @@ class FamilySpec:
         num_experts_key: Config key of the routed-expert count.
         top_k_key: Config key of the number of experts per token (None for fixed top-1 routers).
         never_pruned: Block children that are not routed experts (shared experts); kept as they are.
-        dense_mlp_patterns: Module paths (`*` standing for a layer index) of dense MLPs outside the routed
-            experts, e.g. Arctic's residual MLP beside the MoE and its dense-layer MLPs. Expert methods never
-            touch them; unstructured (weight-level) methods may prune their linear weights.
         experts_divisible_by_key: Config key whose value must divide the expert count (grouped routing).
         task: `"causal-lm"` or `"seq2seq-lm"`, the Auto class that loads the family.
     """
@@ -85,7 +82,6 @@ class FamilySpec:
     expert_module_name: str = "expert_{}"
     routing_format: Literal["topk_index", "onehot_mask"] = "topk_index"
     never_pruned: tuple[str, ...] = ()
-    dense_mlp_patterns: tuple[str, ...] = ()
     experts_divisible_by_key: str | None = None
     task: Literal["causal-lm", "seq2seq-lm"] = "causal-lm"
     extra: dict = field(default_factory=dict, compare=False)
