@@ -8,7 +8,6 @@ independent of the fused layout of the implementation.
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import math
 
@@ -441,7 +440,9 @@ SCENARIOS = {
 def _recipe(name: str, target: dict) -> MoEPruneConfig:
     kind = registered_methods()[name].kind
     if kind == "unstructured":
-        return MoEPruneConfig(method=name, weight_sparsity=0.5)
+        return MoEPruneConfig(
+            method=name, weight_sparsity=0.5, method_options={"targets": ["experts", "dense_mlp"]}
+        )
     return MoEPruneConfig(method=name, **target)
 
 
@@ -453,30 +454,53 @@ def _dense_weights(model) -> dict[str, torch.Tensor]:
     }
 
 
-def test_family_spec_finds_moe_blocks_and_dense_mlps():
+def test_family_spec_finds_moe_blocks_only():
+    """Dense layers (no router) are skipped; the residual MLP lies outside the MoE block."""
     cfg = original_config(num_layers=4, moe_layer_frequency=2, parallel_attn_mlp_res=True)
     model = ArcticForCausalLM._from_config(AutoConfig.for_model(**cfg))
     wrapped = AutoMoEPruneModelForCausalLM.from_model(model)
-    spec = family_for_model_type("arctic")
-    assert wrapped.spec is spec
-    assert [layer.path for layer in wrapped.moe_layers()] == [
+    assert wrapped.spec is family_for_model_type("arctic")
+    layers = wrapped.moe_layers()
+    assert [layer.path for layer in layers] == [
         "model.layers.1.block_sparse_moe",
         "model.layers.3.block_sparse_moe",
     ]
-    # the residual and dense-layer MLPs are described for weight-level methods, never as experts
-    modules = [name for name, _ in model.named_modules()]
-    dense = sorted(
-        name
-        for name in modules
-        for pattern in spec.dense_mlp_patterns
-        if fnmatch.fnmatchcase(name, pattern) and name.count(".") == pattern.count(".")
+    for layer in layers:
+        assert layer.num_experts == 6 and layer.top_k == 2
+        assert layer.router is model.get_submodule(layer.path).gate
+        assert not any("residual" in name for name, _ in layer.block.named_modules())
+
+
+@pytest.mark.parametrize("targets", [("dense_mlp",), ("experts",)])
+def test_unstructured_phase_reaches_the_residual_mlp(targets, tmp_path):
+    unstructured = pytest.importorskip("hf_moeprune.methods.unstructured")
+    cfg = original_config(num_layers=4, moe_layer_frequency=2, parallel_attn_mlp_res=True)
+    write_checkpoint(tmp_path / "base", cfg, original_state_dict(cfg))
+    model = AutoMoEPruneModelForCausalLM.from_pretrained(tmp_path / "base")
+    batches = [torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(7))]
+    unstructured.unstructured_prune_(
+        model.model,
+        batches,
+        unstructured.UnstructuredOptions(0.5, targets=targets),
+        moe_layers=model.moe_layers(),
     )
-    assert dense == [
-        "model.layers.0.block_sparse_moe.mlp",
-        "model.layers.1.residual_mlp",
-        "model.layers.2.block_sparse_moe.mlp",
-        "model.layers.3.residual_mlp",
-    ]
+    zeros = {name: float((p == 0).float().mean()) for name, p in model.model.named_parameters()}
+    dense = [n for n in zeros if ".residual_mlp." in n or ".block_sparse_moe.mlp." in n]
+    experts = [n for n in zeros if ".experts." in n]
+    assert len(dense) == 12 and len(experts) == 4
+    for name in dense:
+        assert zeros[name] == (0.5 if targets == ("dense_mlp",) else 0.0), name
+    for name in experts:
+        assert (zeros[name] > 0.4) == (targets == ("experts",)), name
+    assert all(zeros[n] == 0.0 for n in zeros if "self_attn" in n or ".gate." in n)
+
+    input_ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        logits = model(input_ids).logits
+    model.save_pretrained(tmp_path / "sparse")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "sparse")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids).logits, logits, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
