@@ -1,0 +1,384 @@
+"""Wanda / OWL / N:M pruning of a model's weights, layer by layer, for MoE and dense models alike.
+
+Expert weights are read through the family spec (`ExpertTensor.in_axis`, `input_kind`): an expert's inputs
+are the tokens routed to it (hidden states for the first projection, its own intermediate activations for
+the down projection), taken from the shared statistics collector. Other `nn.Linear` modules (attention, a
+dense or residual MLP, shared experts; every linear of a dense model) use plain input norms. Routers,
+embeddings and the LM head are never pruned. Zeros are written into the weights, so the checkpoint stays a
+normal dense safetensors file that loads anywhere.
+
+Example:
+    >>> report = wanda_prune_(model, batches, 0.5)                      # dense SmolLM2 / Llama
+    >>> report = unstructured_prune_(model, batches, UnstructuredOptions(0.5, "owl"), moe_layers=layers)
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ...calibration.sequential import InputNormCollector, SequentialPipeline, find_decoder_layers
+from ...calibration.statistics import (
+    LayerStatistics,
+    StatisticsCollector,
+    _register_recording_implementation,
+    run_calibration,
+)
+from ...families import ExpertTensor
+from ...moe_layers import MoELayer
+from .masks import nm_prune_mask, owl_layer_sparsities, row_prune_mask, wanda_scores
+
+ModuleFilter = Callable[[nn.Module, str], bool]
+TARGET_KINDS = ("experts", "attention", "dense_mlp", "all_linear")
+_ATTENTION = re.compile(r"(^|\.)[^.]*(attn|attention)[^.]*(\.|$)", re.IGNORECASE)
+
+
+@dataclass
+class UnstructuredOptions:
+    """How to zero weights.
+
+    Args:
+        sparsity: Share of weights zeroed in every pruned matrix (average over layers for OWL).
+        algorithm: `"wanda"` (same sparsity everywhere) or `"owl"` (per-layer sparsity from outlier shares).
+        nm: `(N, M)`: keep N of every M consecutive input weights (implies sparsity 1 - N/M; Wanda only).
+        targets: Which weights: `"experts"` (routed experts), `"attention"`, `"dense_mlp"` (non-expert
+            MLPs such as Arctic's residual MLP or shared experts), `"all_linear"` (every linear in the decoder
+            layers except routers; the choice for dense models).
+        module_filter: `filter(module, fqn) -> bool` for non-expert linears, overriding the kind rules.
+        owl_m: OWL's outlier threshold M (scores above M times the layer mean).
+        owl_lambda: OWL's lambda: layer sparsities lie within target +- lambda.
+        sequential: Collect each layer's inputs after the earlier layers are pruned (True), or everything in
+            one pass of the unpruned model (False; used automatically for encoder-decoder models).
+    """
+
+    sparsity: float
+    algorithm: Literal["wanda", "owl"] = "wanda"
+    nm: tuple[int, int] | None = None
+    targets: tuple[str, ...] = ("experts",)
+    module_filter: ModuleFilter | None = None
+    owl_m: float = 5.0
+    owl_lambda: float = 0.08
+    sequential: bool = True
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ("wanda", "owl"):
+            raise ValueError(f"Unknown unstructured algorithm {self.algorithm!r}: use 'wanda' or 'owl'.")
+        self.targets = tuple(self.targets)
+        unknown = sorted(set(self.targets) - set(TARGET_KINDS))
+        if unknown:
+            raise ValueError(f"Unknown prune targets {unknown}; choose from {TARGET_KINDS}.")
+        if self.nm is not None:
+            n, m = self.nm
+            if self.algorithm == "owl":
+                raise ValueError("N:M patterns fix the sparsity of every group; use algorithm='wanda' with nm.")
+            self.sparsity = 1.0 - n / m
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}.")
+
+
+@dataclass
+class UnstructuredReport:
+    """What was done: achieved sparsity per weight, requested sparsity and outlier share per layer."""
+
+    weight_sparsity: dict[str, float] = field(default_factory=dict)
+    layer_sparsity: dict[str, float] = field(default_factory=dict)
+    outlier_ratios: dict[str, float] = field(default_factory=dict)
+    forward_passes: int = 0
+
+    def details(self) -> dict[str, Any]:
+        pruned = self.weight_sparsity
+        return {
+            "layer_sparsity": {k: round(v, 5) for k, v in self.layer_sparsity.items()},
+            **({"outlier_ratios": {k: round(v, 6) for k, v in self.outlier_ratios.items()}} if self.outlier_ratios else {}),
+            "mean_weight_sparsity": round(sum(pruned.values()) / len(pruned), 5) if pruned else 0.0,
+        }
+
+
+# --------------------------------------------------------------------------------------------- targets
+
+
+@dataclass
+class _Targets:
+    """The weights of one group (a decoder layer) to prune."""
+
+    moe: list[MoELayer]
+    linears: dict[str, nn.Linear]
+
+    def empty(self) -> bool:
+        return not self.moe and not self.linears
+
+
+def _linear_kind(relative: str) -> str:
+    return "attention" if _ATTENTION.search(relative) else "dense_mlp"
+
+
+def _group_targets(
+    root: nn.Module, root_path: str, moe_layers: Sequence[MoELayer], options: UnstructuredOptions
+) -> _Targets:
+    """Targets inside module `root` (at `root_path`): its MoE layers' experts and the chosen linears."""
+    prefix = f"{root_path}." if root_path else ""
+    moe = [layer for layer in moe_layers if layer.path.startswith(prefix) or layer.path == root_path]
+    skip = [layer.experts_path for layer in moe] + [layer.router_path for layer in moe]
+    linears: dict[str, nn.Linear] = {}
+    for name, module in root.named_modules():
+        if not isinstance(module, nn.Linear) or not name:
+            continue
+        fqn = prefix + name
+        if any(fqn == s or fqn.startswith(s + ".") for s in skip):
+            continue
+        if options.module_filter is not None:
+            chosen = options.module_filter(module, fqn)
+        else:
+            chosen = "all_linear" in options.targets or _linear_kind(name) in options.targets
+        if chosen:
+            linears[fqn] = module
+    return _Targets(moe=moe if "experts" in options.targets or "all_linear" in options.targets else [], linears=linears)
+
+
+def _live_expert_weight(layer: MoELayer, spec: ExpertTensor, expert: int) -> torch.Tensor:
+    """The stored weight of one expert (a view into the fused tensor, or the expert module's parameter)."""
+    if layer.spec.expert_layout == "fused":
+        return getattr(layer.experts, spec.name).data[expert]
+    return layer.expert_module(expert).get_parameter(spec.name).data
+
+
+def _expert_norm(stats: LayerStatistics, spec: ExpertTensor, expert: int, size: int) -> torch.Tensor:
+    sq = stats.input_sq if spec.input_kind == "hidden" else stats.intermediate_sq
+    return sq[expert, :size].clamp(min=0).sqrt()
+
+
+# ----------------------------------------------------------------------------------------- observe/score
+
+
+@dataclass
+class _Observed:
+    expert_stats: dict[str, LayerStatistics]
+    linear_sq: dict[str, torch.Tensor]
+
+
+def _scored_weights(targets: _Targets, observed: _Observed) -> Iterable[tuple[str, torch.Tensor, torch.Tensor, int]]:
+    """(report key, live weight, score, in_axis) for every target weight (one entry per expert)."""
+    for layer in targets.moe:
+        stats = observed.expert_stats[layer.path]
+        for spec in layer.expert_tensor_specs():
+            if spec.in_axis is None:
+                continue  # biases are kept
+            for e in range(layer.num_experts):
+                weight = _live_expert_weight(layer, spec, e)
+                norm = _expert_norm(stats, spec, e, weight.shape[spec.in_axis])
+                yield f"{layer.experts_path}.{spec.name}", weight, wanda_scores(weight, norm, spec.in_axis), spec.in_axis
+    for path, module in targets.linears.items():
+        norm = observed.linear_sq[path].clamp(min=0).sqrt()
+        yield path, module.weight.data, wanda_scores(module.weight.data, norm, 1), 1
+
+
+def _outlier_ratio(targets: _Targets, observed: _Observed, m: float) -> tuple[float, int]:
+    """OWL's share of scores above M times the group's mean score, and the number of weights."""
+    total, count = 0.0, 0
+    for _, _, score, _ in _scored_weights(targets, observed):
+        total += float(score.sum(dtype=torch.float64))
+        count += score.numel()
+    if count == 0:
+        return 0.0, 0
+    threshold = m * total / count
+    outliers = sum(int((score > threshold).sum()) for _, _, score, _ in _scored_weights(targets, observed))
+    return outliers / count, count
+
+
+@torch.no_grad()
+def _prune_group(targets: _Targets, observed: _Observed, sparsity: float, nm: tuple[int, int] | None) -> dict[str, float]:
+    zeros: dict[str, int] = {}
+    sizes: dict[str, int] = {}
+    for key, weight, score, in_axis in _scored_weights(targets, observed):
+        mask = nm_prune_mask(score, *nm, in_axis) if nm else row_prune_mask(score, sparsity, in_axis)
+        weight.masked_fill_(mask.to(weight.device), 0)
+        zeros[key] = zeros.get(key, 0) + int((weight == 0).sum())
+        sizes[key] = sizes.get(key, 0) + weight.numel()
+    return {key: zeros[key] / sizes[key] for key in zeros}
+
+
+def _observe(run: Callable[[], Any], targets: _Targets) -> tuple[_Observed, Any]:
+    collector = StatisticsCollector(targets.moe) if targets.moe else None
+    norms = InputNormCollector(targets.linears)
+    with norms:
+        if collector is not None:
+            with collector.recording():
+                result = run()
+        else:
+            result = run()
+    return _Observed(expert_stats=collector.statistics if collector else {}, linear_sq=norms.sq), result
+
+
+# ---------------------------------------------------------------------------------------------- drivers
+
+
+def _group_key(path: str) -> str:
+    """`encoder.block.3.layer.1.mlp` -> `encoder.block.3`: the prefix up to the first layer index."""
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return path
+
+
+@torch.no_grad()
+def unstructured_prune_(
+    model: nn.Module,
+    batches: Sequence[torch.Tensor],
+    options: UnstructuredOptions,
+    moe_layers: Sequence[MoELayer] | None = None,
+    progress: bool = False,
+) -> UnstructuredReport:
+    """Zero weights of `model` in place with Wanda or OWL; returns the report (achieved sparsity per weight).
+
+    Args:
+        model: A transformers causal LM (MoE or dense) or, one-shot, an encoder-decoder.
+        batches: Calibration `input_ids` batches.
+        options: See `UnstructuredOptions`.
+        moe_layers: The model's MoE layers (from its family spec); None for a dense model.
+    """
+    moe_layers = list(moe_layers or [])
+    if moe_layers:
+        _register_recording_implementation()
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        options = UnstructuredOptions(**{**options.__dict__, "sequential": False})
+    was_training = model.training
+    model.eval()
+    try:
+        if options.sequential:
+            return _sequential(model, list(batches), options, moe_layers)
+        return _one_shot(model, list(batches), options, moe_layers, progress)
+    finally:
+        model.train(was_training)
+
+
+def _sequential(
+    model: nn.Module, batches: list[torch.Tensor], options: UnstructuredOptions, moe_layers: list[MoELayer]
+) -> UnstructuredReport:
+    report = UnstructuredReport()
+    pipeline = SequentialPipeline.from_model(model, batches)
+    sparsities = {path: options.sparsity for path in pipeline.paths}
+    if options.algorithm == "owl":
+        start, _ = pipeline.clone_inputs()
+        ratios, sizes = {}, {}
+        for step in pipeline:  # outlier shares of the unpruned model, layer by layer
+            targets = _group_targets(step.layer, step.path, moe_layers, options)
+            observed, outputs = _observe(step.run, targets)
+            ratios[step.path], sizes[step.path] = _outlier_ratio(targets, observed, options.owl_m)
+            step.advance(outputs)
+        report.forward_passes += len(batches)  # one sweep = one pass per batch (capture included)
+        pipeline.hidden = start
+        pruned = [p for p in pipeline.paths if sizes[p] > 0]
+        values = owl_layer_sparsities(
+            [ratios[p] for p in pruned], options.sparsity, options.owl_lambda, [sizes[p] for p in pruned]
+        )
+        sparsities.update(dict(zip(pruned, values, strict=True)))
+        report.outlier_ratios = {p: ratios[p] for p in pruned}
+    for step in pipeline:
+        targets = _group_targets(step.layer, step.path, moe_layers, options)
+        if targets.empty():
+            step.advance()
+            continue
+        observed, _ = _observe(step.run, targets)
+        report.weight_sparsity.update(_prune_group(targets, observed, sparsities[step.path], options.nm))
+        report.layer_sparsity[step.path] = sparsities[step.path]
+        step.advance()  # re-run the pruned layer: the next layer sees pruned inputs
+    report.forward_passes += len(batches)
+    return report
+
+
+def _one_shot(
+    model: nn.Module,
+    batches: list[torch.Tensor],
+    options: UnstructuredOptions,
+    moe_layers: list[MoELayer],
+    progress: bool,
+) -> UnstructuredReport:
+    report = UnstructuredReport()
+    everything = _group_targets(model, "", moe_layers, options)
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    observed, passes = _observe(
+        lambda: run_calibration(model, batches, is_encoder_decoder=encoder_decoder, progress=progress), everything
+    )
+    report.forward_passes += passes
+    groups: dict[str, _Targets] = {}
+    for layer in everything.moe:
+        groups.setdefault(_group_key(layer.path), _Targets([], {})).moe.append(layer)
+    for path, module in everything.linears.items():
+        groups.setdefault(_group_key(path), _Targets([], {})).linears[path] = module
+    sparsities = dict.fromkeys(groups, options.sparsity)
+    if options.algorithm == "owl":
+        stats = {key: _outlier_ratio(group, observed, options.owl_m) for key, group in groups.items()}
+        values = owl_layer_sparsities(
+            [stats[k][0] for k in groups], options.sparsity, options.owl_lambda, [stats[k][1] for k in groups]
+        )
+        sparsities = dict(zip(groups, values, strict=True))
+        report.outlier_ratios = {k: stats[k][0] for k in groups}
+    for key, group in groups.items():
+        report.weight_sparsity.update(_prune_group(group, observed, sparsities[key], options.nm))
+        report.layer_sparsity[key] = sparsities[key]
+    return report
+
+
+def wanda_prune_(
+    model: nn.Module,
+    batches: Sequence[torch.Tensor],
+    sparsity: float,
+    *,
+    nm: tuple[int, int] | None = None,
+    targets: Sequence[str] | None = None,
+    moe_layers: Sequence[MoELayer] | None = None,
+    **options: Any,
+) -> UnstructuredReport:
+    """Wanda in place. Dense models (no `moe_layers`) prune every decoder linear by default."""
+    targets = tuple(targets) if targets else (("experts",) if moe_layers else ("all_linear",))
+    return unstructured_prune_(
+        model, batches, UnstructuredOptions(sparsity, "wanda", nm=nm, targets=targets, **options), moe_layers
+    )
+
+
+def owl_prune_(
+    model: nn.Module,
+    batches: Sequence[torch.Tensor],
+    sparsity: float,
+    *,
+    targets: Sequence[str] | None = None,
+    moe_layers: Sequence[MoELayer] | None = None,
+    **options: Any,
+) -> UnstructuredReport:
+    """OWL (outlier-weighted layer-wise sparsity + Wanda scores) in place."""
+    targets = tuple(targets) if targets else (("experts",) if moe_layers else ("all_linear",))
+    return unstructured_prune_(model, batches, UnstructuredOptions(sparsity, "owl", targets=targets, **options), moe_layers)
+
+
+def has_decoder_layers(model: nn.Module) -> bool:
+    try:
+        find_decoder_layers(model)
+    except ValueError:
+        return False
+    return True
+
+
+def options_from_config(config: Any, algorithm: str | None = None) -> UnstructuredOptions:
+    """`UnstructuredOptions` from a `MoEPruneConfig` (weight_sparsity, unstructured, nm_pattern,
+    method_options `targets`, `owl_m`, `owl_lambda`, `sequential`)."""
+    opts = config.method_options
+    algorithm = algorithm or config.unstructured or "wanda"
+    sparsity = config.weight_sparsity if config.weight_sparsity is not None else 0.0
+    targets = opts.get("targets", ("experts",))
+    if isinstance(targets, str):
+        targets = tuple(t.strip() for t in targets.split(",") if t.strip())
+    return UnstructuredOptions(
+        sparsity=sparsity,
+        algorithm=algorithm,
+        nm=config.nm_pattern,
+        targets=tuple(targets),
+        owl_m=float(opts.get("owl_m", 5.0)),
+        owl_lambda=float(opts.get("owl_lambda", 0.08)),
+        sequential=bool(opts.get("sequential", True)),
+    )

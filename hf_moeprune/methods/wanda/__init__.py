@@ -1,0 +1,52 @@
+"""Wanda alone: zero the weights with the lowest |W_ij| * ||X_j||_2 in every output row, experts untouched.
+
+Paper: https://arxiv.org/abs/2306.11695. Inputs are collected layer by layer (each layer sees the already
+pruned earlier layers); an expert's inputs are the tokens routed to it.
+
+Options (`MoEPruneConfig.method_options`): `targets` (list or comma string of `experts`, `attention`,
+`dense_mlp`, `all_linear`; default `experts`), `sequential` (default True).
+
+Example:
+    >>> model.prune_experts(MoEPruneConfig(method="wanda", weight_sparsity=0.5), calibration=texts)
+    >>> model.prune_experts(MoEPruneConfig(method="wanda", nm_pattern=(2, 4)), calibration=texts)
+"""
+
+from __future__ import annotations
+
+from ..base import ExpertMethod, MethodContext, MethodResult
+from ..registry import register_method
+from ..unstructured import options_from_config, unstructured_prune_
+
+
+class UnstructuredMethod(ExpertMethod):
+    """Shared body of the weight-only baselines."""
+
+    kind = "unstructured"
+    algorithm = "wanda"
+
+    def validate(self, layers) -> None:
+        super().validate(layers)
+        if self.config.has_expert_target:
+            raise ValueError(
+                f"Method {self.name!r} prunes weights only and ignores expert targets; use method='stun' "
+                "to remove experts first."
+            )
+        if self.config.weight_sparsity is None and self.config.nm_pattern is None:
+            raise ValueError(f"Method {self.name!r} needs weight_sparsity (or nm_pattern).")
+        options_from_config(self.config, self.algorithm)  # option errors before calibration
+
+    def run(self, context: MethodContext) -> MethodResult:
+        report = unstructured_prune_(
+            context.model, context.calibration.batches, options_from_config(self.config, self.algorithm),
+            context.layers, progress=context.progress,
+        )
+        context.forward_passes += report.forward_passes
+        return MethodResult(plan=None, weight_sparsity=report.weight_sparsity, details=report.details())
+
+
+@register_method
+class Wanda(UnstructuredMethod):
+    name = "wanda"
+    pretty_name = "Wanda (pruning by weights and activations)"
+    paper = "https://arxiv.org/abs/2306.11695"
+    algorithm = "wanda"
