@@ -229,6 +229,12 @@ def run_launch(args: BenchArgs) -> dict:
         f"{world_size} process(es), {threads} thread(s) each, device {device.type}, "
         f"backend {dist.get_backend() if dist.is_initialized() else 'none'}"
     )
+    if args.expert_parallel and world_size == 1:
+        log(
+            "WARNING: --expert-parallel with ONE process, nothing is sharded. On CPU, `accelerate launch "
+            "--num_processes N` without an mpirun hostfile starts a single process: use "
+            "`--config_file examples/accelerate_cpu_2proc.yaml` or torchrun (examples/bench.md)."
+        )
     results = [benchmark_model(args, path, device) for path in [args.model, *args.compare]]
     return {
         "schema_version": SCHEMA_VERSION,
