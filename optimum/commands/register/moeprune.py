@@ -27,12 +27,16 @@ class MoEPruneCommand(BaseOptimumCLICommand):
 
     @staticmethod
     def parse_args(parser: ArgumentParser) -> None:
+        # optimum builds every registered command's parser on each start-up; when another command runs (or the
+        # root --help, which lists only top-level commands), our subcommands are not needed: skip importing them.
+        if len(sys.argv) > 1 and sys.argv[1] != MoEPruneCommand.COMMAND.name:
+            return
         # Reuse the very modules behind `hf-moeprune` so both CLIs cannot drift apart.
         from hf_moeprune.commands import load_commands
 
-        subparsers = parser.add_subparsers(dest="moeprune_command", metavar="{" + ",".join(
-            m.NAME for m in load_commands()) + "}")
-        for module in load_commands():
+        modules = load_commands()
+        subparsers = parser.add_subparsers(dest="moeprune_command", metavar="{" + ",".join(m.NAME for m in modules) + "}")
+        for module in modules:
             sub = subparsers.add_parser(module.NAME, help=module.HELP, description=module.HELP)
             module.add_arguments(sub)
             sub.set_defaults(moeprune_run=module.run)
