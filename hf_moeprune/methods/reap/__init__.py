@@ -1,0 +1,81 @@
+"""REAP: router-weighted expert activation pruning, with super-expert protection.
+
+Paper: Lasby et al., "REAP the Experts" (https://arxiv.org/abs/2510.13999), code CerebrasResearch/reap.
+For each layer and expert j, over the calibration tokens routed to j:
+
+    S_j = mean_{x routed to j} g_j(x) * ||f_j(x)||_2
+
+with g_j(x) the routing weight the model actually applies (softmax probability, renormalised over the
+top-k where the model does so) and f_j(x) the expert's output. The lowest-scoring experts of every layer
+are dropped (uniform counts). "Super experts", whose largest output activation exceeds
+max(99.5th percentile over all experts of all layers, global maximum / 10), are never dropped.
+
+Options (`MoEPruneConfig.method_options`): `protect_super_experts` (default True),
+`super_expert_quantile` (default 0.995), `super_expert_fraction` (default 0.1).
+
+Example:
+    >>> model.prune_experts(MoEPruneConfig(method="reap", expert_sparsity=0.5), calibration=texts)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...surgery import LayerPlan, ReductionPlan
+from ..base import ExpertMethod, MethodContext, MethodResult
+from ..registry import register_method
+from ..targets import uniform_counts
+
+
+def reap_scores(gated_output_norm_sum: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Mean gated output norm over routed tokens; 0 for experts no token reached."""
+    return torch.where(counts > 0, gated_output_norm_sum / counts.clamp(min=1), torch.zeros_like(gated_output_norm_sum))
+
+
+def super_experts(output_max: dict[str, torch.Tensor], quantile: float = 0.995, fraction: float = 0.1) -> dict[str, list[int]]:
+    """Experts whose peak |activation| exceeds max(quantile over all experts, global max * fraction)."""
+    values = torch.cat([v.double().flatten() for v in output_max.values()])
+    if values.numel() == 0 or float(values.max()) <= 0:
+        return {path: [] for path in output_max}
+    threshold = max(float(torch.quantile(values, quantile)), float(values.max()) * fraction)
+    return {path: torch.nonzero(v.double() > threshold).flatten().tolist() for path, v in output_max.items()}
+
+
+@register_method
+class REAP(ExpertMethod):
+    name = "reap"
+    pretty_name = "REAP (router-weighted expert activation pruning)"
+    paper = "https://arxiv.org/abs/2510.13999"
+    kind = "prune"
+
+    def validate(self, layers) -> None:
+        super().validate(layers)
+        uniform_counts(layers, self.config)
+
+    def run(self, context: MethodContext) -> MethodResult:
+        opts = self.config.method_options
+        counts = uniform_counts(context.layers, self.config)
+        statistics = context.statistics()
+        protected = {layer.path: [] for layer in context.layers}
+        if opts.get("protect_super_experts", True):
+            protected = super_experts(
+                {layer.path: statistics[layer.path].output_max for layer in context.layers},
+                float(opts.get("super_expert_quantile", 0.995)),
+                float(opts.get("super_expert_fraction", 0.1)),
+            )
+        plan = ReductionPlan(top_k=self.config.top_k)
+        scores_record, overflow = {}, []
+        for layer in context.layers:
+            stats = statistics[layer.path]
+            score = reap_scores(stats.gated_output_norm_sum, stats.counts)
+            ranked = torch.argsort(score, descending=True, stable=True).tolist()
+            shielded = [e for e in ranked if e in protected[layer.path]]
+            if len(shielded) > counts[layer.path]:
+                overflow.append(layer.path)  # more super experts than places: keep the best-scoring ones
+            keep = (shielded + [e for e in ranked if e not in shielded])[: counts[layer.path]]
+            plan.layers[layer.path] = LayerPlan.keep(keep)
+            scores_record[layer.path] = [round(float(s), 6) for s in score]
+        details = {"scores": scores_record, "super_experts": protected}
+        if overflow:
+            details["super_expert_overflow"] = overflow
+        return MethodResult(plan=plan, details=details)
