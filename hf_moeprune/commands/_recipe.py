@@ -1,0 +1,100 @@
+"""Arguments shared by `prune` and `merge`: the model, the recipe and the calibration set."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def add_recipe_arguments(parser: argparse.ArgumentParser, default_method: str) -> None:
+    parser.add_argument("--model", help="Checkpoint folder or Hub id (default: the bundled testbed model).")
+    parser.add_argument("--method", default=default_method, help="Registered method name.")
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--experts-per-layer", type=int, help="Experts kept in every MoE layer.")
+    target.add_argument("--expert-sparsity", type=float, help="Share of all experts to remove.")
+    target.add_argument("--num-experts-total", type=int, help="Experts kept over all MoE layers.")
+    parser.add_argument("--adaptive", action="store_true", help="Let the method choose per-layer counts.")
+    parser.add_argument("--weight-sparsity", type=float, help="Unstructured sparsity inside the experts.")
+    parser.add_argument("--unstructured", choices=["wanda", "owl"], help="Unstructured phase after expert pruning.")
+    parser.add_argument("--nm", help="N:M pattern for the unstructured phase, e.g. 2:4.")
+    parser.add_argument("--top-k", type=int, help="New router top-k (only to go below the model's).")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="Method option (value parsed as JSON when possible); repeatable.")
+    parser.add_argument("--calibration", help="Calibration text: .txt (blank-line separated documents) or .jsonl "
+                        "with a 'text' field (default: the bundled calibration sample).")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-sequences", type=int, default=128)
+    parser.add_argument("--output", required=True, help="Folder for the reduced checkpoint.")
+
+
+def recipe_from_args(args: argparse.Namespace):
+    from ..config import MoEPruneConfig
+
+    options: dict[str, Any] = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--option expects KEY=VALUE, got {item!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    nm = tuple(int(v) for v in args.nm.split(":")) if args.nm else None
+    return MoEPruneConfig(
+        method=args.method, experts_per_layer=args.experts_per_layer, expert_sparsity=args.expert_sparsity,
+        num_experts_total=args.num_experts_total, adaptive=args.adaptive, weight_sparsity=args.weight_sparsity,
+        unstructured=args.unstructured, nm_pattern=nm, top_k=args.top_k, seed=args.seed, method_options=options,
+    )
+
+
+def read_texts(path: str) -> list[str]:
+    """Documents of a .txt (separated by blank lines) or .jsonl (one {"text": ...} per line) file."""
+    file = Path(path)
+    if not file.exists():
+        raise SystemExit(f"Calibration file not found: {path}")
+    if file.suffix == ".jsonl":
+        return [json.loads(line)["text"] for line in file.read_text().splitlines() if line.strip()]
+    return [block.strip() for block in file.read_text().split("\n\n") if block.strip()]
+
+
+def default_model() -> str:
+    from ..testbed import default_model_path
+
+    return str(default_model_path())
+
+
+def default_calibration() -> list[str]:
+    from ..testbed import calibration_texts
+
+    return calibration_texts()
+
+
+def run_recipe(args: argparse.Namespace, merge: bool) -> int:
+    from ..modeling import AutoMoEPruneModelForCausalLM, AutoMoEPruneModelForSeq2SeqLM
+    from ..families import family_for_model_type
+    from transformers import AutoConfig
+
+    model_path = args.model or default_model()
+    config = recipe_from_args(args)
+    family = family_for_model_type(AutoConfig.from_pretrained(model_path).model_type)
+    auto = AutoMoEPruneModelForSeq2SeqLM if family.task == "seq2seq-lm" else AutoMoEPruneModelForCausalLM
+    model = auto.from_pretrained(model_path)
+    from ..methods import get_method
+
+    texts = None
+    if get_method(config.method).needs_calibration:
+        texts = read_texts(args.calibration) if args.calibration else default_calibration()
+    options = dict(seq_len=args.seq_len, batch_size=args.batch_size, max_sequences=args.max_sequences,
+                   description=args.calibration or "hf_moeprune bundled calibration sample (BBC News + Shakespeare)")
+    step = model.merge_experts if merge else model.prune_experts
+    step(config, calibration=texts, **options)
+    folder = model.save_pretrained(args.output)
+    from .inspect import print_table
+
+    print_table(model.record)
+    print(f"Saved {folder}")
+    return 0
