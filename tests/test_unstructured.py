@@ -1,0 +1,165 @@
+"""Wanda / OWL / N:M: exact per-row sparsity, OWL averages, N:M groups, dense models, sequential pipeline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import VOCAB, build_tiny_model
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from hf_moeprune import AutoMoEPruneModelForCausalLM, AutoMoEPruneModelForSeq2SeqLM
+from hf_moeprune.calibration.sequential import SequentialPipeline
+from hf_moeprune.config import MoEPruneConfig
+from hf_moeprune.methods.unstructured import (
+    UnstructuredOptions,
+    nm_prune_mask,
+    owl_layer_sparsities,
+    row_prune_mask,
+    wanda_prune_,
+    wanda_scores,
+)
+
+CALIB = torch.randint(3, VOCAB, (4, 16), generator=torch.Generator().manual_seed(1))
+
+
+def _wrap(family: str):
+    model = build_tiny_model(family)
+    auto = AutoMoEPruneModelForSeq2SeqLM if family == "switch_transformers" else AutoMoEPruneModelForCausalLM
+    return auto.from_model(model)
+
+
+def _expert_rows(layer, spec, e):
+    """[rows, in_features] of one expert's weight, whatever the layout."""
+    w = layer.expert_tensors()[spec.name][e]
+    return w.movedim(spec.in_axis, -1).reshape(-1, w.shape[spec.in_axis])
+
+
+def test_masks_on_synthetic_scores():
+    score = torch.rand(6, 10)
+    mask = row_prune_mask(score, 0.3, in_axis=1)
+    assert (mask.sum(1) == 3).all()
+    # the masked entries are the lowest of each row
+    assert (score[mask].view(6, 3).max(1).values <= score[~mask].view(6, 7).min(1).values).all()
+    transposed = row_prune_mask(score.T.contiguous(), 0.3, in_axis=0)
+    assert torch.equal(transposed.T, mask)
+    nm = nm_prune_mask(torch.rand(5, 16), 2, 4, in_axis=1)
+    assert (nm.view(5, 4, 4).sum(-1) == 2).all()
+    with pytest.raises(ValueError, match="divisible"):
+        nm_prune_mask(torch.rand(2, 6), 2, 4, in_axis=1)
+    # an expert no token reached falls back to magnitude
+    w = torch.randn(3, 4)
+    assert torch.equal(wanda_scores(w, torch.zeros(4), 1), w.abs())
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "switch_transformers"])
+def test_wanda_exact_sparsity_in_every_row(family):
+    wrapped = _wrap(family)
+    wrapped.prune_experts(MoEPruneConfig(method="wanda", weight_sparsity=0.5), calibration=CALIB, batch_size=2)
+    for layer in wrapped.moe_layers():
+        for spec in layer.expert_tensor_specs():
+            if spec.in_axis is None:
+                continue
+            for e in range(layer.num_experts):
+                rows = _expert_rows(layer, spec, e)
+                zeros = (rows == 0).sum(1)
+                assert (zeros == round(rows.shape[1] * 0.5)).all(), (layer.path, spec.name, e)
+    record = wrapped.model.config.moeprune
+    assert record["weight_sparsity"] and all(abs(v - 0.5) < 1e-6 for v in record["weight_sparsity"].values())
+    assert record["steps"][-1]["forward_passes"] == 2
+    # attention untouched by default
+    assert all((p != 0).all() for n, p in wrapped.model.named_parameters() if "q_proj" in n or ".q." in n)
+
+
+def test_wanda_nm_pattern_holds_in_every_group(tmp_path):
+    wrapped = _wrap("mixtral")
+    wrapped.prune_experts(
+        MoEPruneConfig(method="wanda", nm_pattern=(2, 4), method_options={"targets": "experts,attention"}),
+        calibration=CALIB,
+    )
+    for layer in wrapped.moe_layers():
+        for spec in layer.expert_tensor_specs():
+            for e in range(layer.num_experts):
+                rows = _expert_rows(layer, spec, e)
+                assert ((rows != 0).view(rows.shape[0], -1, 4).sum(-1) <= 2).all()
+    q = wrapped.model.model.layers[0].self_attn.q_proj.weight
+    assert ((q != 0).view(q.shape[0], -1, 4).sum(-1) <= 2).all()
+    # zeros are stored in a normal checkpoint that plain transformers loads
+    wrapped.save_pretrained(tmp_path / "nm")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "nm")
+    assert torch.equal(reloaded.model.layers[0].self_attn.q_proj.weight, q)
+    assert reloaded.config.moeprune["weight_sparsity"]["model.layers.0.self_attn.q_proj"] == 0.5
+
+
+def test_owl_layer_ratios_average_to_target():
+    wrapped = _wrap("mixtral")
+    wrapped.model.config.num_hidden_layers  # noqa: B018
+    wrapped.prune_experts(
+        MoEPruneConfig(method="owl", weight_sparsity=0.6, method_options={"owl_lambda": 0.1, "owl_m": 3}),
+        calibration=CALIB,
+    )
+    details = wrapped.model.config.moeprune["steps"][-1]["details"]
+    ratios = list(details["layer_sparsity"].values())
+    assert len(ratios) == 2 and ratios[0] != ratios[1]
+    assert abs(sum(ratios) / len(ratios) - 0.6) < 0.005
+    assert max(ratios) - min(ratios) <= 0.2 + 1e-6
+    assert wrapped.model.config.moeprune["steps"][-1]["forward_passes"] == 2 * len(CALIB.split(8))
+    # more outliers -> lower sparsity
+    outliers = details["outlier_ratios"]
+    low, high = sorted(details["layer_sparsity"], key=details["layer_sparsity"].get)
+    assert outliers[low] >= outliers[high]
+
+
+def test_owl_ratios_size_weighted_and_clamped():
+    s = owl_layer_sparsities([0.01, 0.02, 0.03, 0.05], 0.5, lam=0.1)
+    assert abs(sum(s) / 4 - 0.5) < 1e-6 and s[0] > s[-1]
+    sizes = [1, 1, 4, 10]
+    s = owl_layer_sparsities([0.01, 0.02, 0.03, 0.05], 0.5, lam=0.1, sizes=sizes)
+    assert abs(sum(a * b for a, b in zip(s, sizes, strict=True)) / sum(sizes) - 0.5) < 1e-6
+    s = owl_layer_sparsities([0.0, 1.0], 0.95, lam=0.2, max_sparsity=0.99)
+    assert max(s) <= 0.99 and abs(sum(s) / 2 - 0.95) < 1e-6
+
+
+def test_unstructured_options_reject_bad_requests():
+    with pytest.raises(ValueError, match="targets"):
+        UnstructuredOptions(0.5, targets=("mlp",))
+    with pytest.raises(ValueError, match="wanda"):
+        UnstructuredOptions(0.5, "owl", nm=(2, 4))
+    wrapped = _wrap("mixtral")
+    with pytest.raises(ValueError, match="expert targets"):
+        wrapped.prune_experts(MoEPruneConfig(method="wanda", weight_sparsity=0.5, experts_per_layer=4), calibration=CALIB)
+    with pytest.raises(ValueError, match="weight_sparsity"):
+        wrapped.prune_experts(MoEPruneConfig(method="owl"), calibration=CALIB)
+
+
+def _tiny_llama():
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8,
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def test_dense_model_function_api():
+    model = _tiny_llama()
+    head = model.lm_head.weight.clone()
+    report = wanda_prune_(model, list(CALIB.split(2)), 0.5)
+    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("model.layers")]
+    assert sorted(report.weight_sparsity) == sorted(linears) and len(linears) == 14
+    for name in linears:
+        w = model.get_submodule(name).weight
+        assert ((w == 0).sum(1) == w.shape[1] // 2).all(), name
+    assert torch.equal(model.lm_head.weight, head)
+    assert report.forward_passes == 2
+
+
+@torch.no_grad()
+def test_sequential_pipeline_matches_full_forward():
+    model = build_tiny_model("mixtral")
+    batches = list(CALIB.split(2))
+    pipeline = SequentialPipeline.from_model(model, batches)
+    for step in pipeline:
+        step.advance()
+    for batch, hidden in zip(batches, pipeline.hidden, strict=True):
+        expected = model(input_ids=batch, output_hidden_states=True, use_cache=False).hidden_states[-1]
+        torch.testing.assert_close(model.model.norm(hidden), expected)
