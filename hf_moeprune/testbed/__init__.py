@@ -1,0 +1,53 @@
+"""Testbed MoE models trained from scratch on real text (BBC News + Shakespeare), and their data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .data import (
+    BBC_TOPICS,
+    DOMAINS,
+    Document,
+    calibration_documents,
+    heldout_documents,
+    load_bbc,
+    load_corpus,
+    load_shakespeare,
+    split_documents,
+    split_of,
+)
+
+CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
+TESTBEDS = ("mixtral-8e", "mixtral-32e")
+DEFAULT_TESTBED = "mixtral-8e"
+
+
+def testbed_path(name: str = DEFAULT_TESTBED) -> Path:
+    """Folder of a shipped testbed checkpoint ("mixtral-8e" or "mixtral-32e"), loadable with
+    `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained`."""
+    if name not in TESTBEDS:
+        raise ValueError(f"Unknown testbed {name!r}; known: {', '.join(TESTBEDS)}.")
+    return CHECKPOINT_DIR / name
+
+
+def default_model_path() -> Path:
+    """The project's embedded default model: the 8-expert testbed."""
+    return testbed_path(DEFAULT_TESTBED)
+
+
+__all__ = [
+    "BBC_TOPICS",
+    "DEFAULT_TESTBED",
+    "DOMAINS",
+    "Document",
+    "TESTBEDS",
+    "calibration_documents",
+    "default_model_path",
+    "heldout_documents",
+    "load_bbc",
+    "load_corpus",
+    "load_shakespeare",
+    "split_documents",
+    "split_of",
+    "testbed_path",
+]

