@@ -134,7 +134,9 @@ def global_threshold_counts(
     for _ in range(iterations):  # invariant: total(lo) > target >= total(hi)
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if total(mid) > target else (lo, mid)
-    threshold = hi
+    # the critical merge height: the smallest one above `lo` (bisection brackets it, lo < t <= hi)
+    heights = np.concatenate([d.heights for d in dendrograms.values()] + [np.array([hi])])
+    threshold = float(heights[heights > lo].min())
     # strictly below the threshold: taken; at the threshold: taken in layer order until the target is met
     counts = {p: dendrograms[p].count_at(np.nextafter(threshold, -np.inf), floors[p]) for p in paths}
     excess = sum(counts.values()) - target

@@ -1,0 +1,134 @@
+"""STUN: planted duplicates, global threshold (non-uniform counts that load), data-free run, phase 2."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import VOCAB, build_tiny_model, logits_of
+
+from hf_moeprune import AutoMoEPruneModelForCausalLM
+from hf_moeprune.config import MoEPruneConfig
+from hf_moeprune.methods.stun import Dendrogram, global_threshold_counts, router_distance
+
+CALIB = torch.randint(3, VOCAB, (4, 16), generator=torch.Generator().manual_seed(2))
+IDS = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
+
+
+@torch.no_grad()
+def _planted(duplicates: dict[int, list[tuple[int, int]]], top_k: int = 1):
+    """Tiny Mixtral (6 experts, 2 layers) with widely spread router rows and planted duplicate experts:
+    `duplicates[layer] = [(original, copy), ...]` copies router row and weights."""
+    model = build_tiny_model("mixtral", num_experts_per_tok=top_k)
+    wrapped = AutoMoEPruneModelForCausalLM.from_model(model)
+    for index, layer in enumerate(wrapped.moe_layers()):
+        router = layer.router_tensors()["weight"]
+        router.normal_(0, 1.0)  # distinct experts far apart
+        for original, copy in duplicates.get(index, []):
+            router[copy] = router[original]
+            for tensor in layer.expert_tensors().values():
+                tensor[copy] = tensor[original]
+    return wrapped
+
+
+def _kept(wrapped) -> dict[str, list[int]]:
+    return {path: [g[0] for g in entry["groups"]] for path, entry in wrapped.record["layers"].items()}
+
+
+def test_planted_duplicate_removed_and_logits_barely_move():
+    wrapped = _planted({0: [(0, 1)], 1: [(2, 4)]})
+    before = logits_of(wrapped.model, IDS)
+    wrapped.prune_experts(MoEPruneConfig(method="stun", num_experts_total=10))
+    kept = _kept(wrapped)
+    assert len(kept["model.layers.0.mlp"]) == 5 and {2, 3, 4, 5} <= set(kept["model.layers.0.mlp"])
+    assert len(kept["model.layers.1.mlp"]) == 5 and {0, 1, 3, 5} <= set(kept["model.layers.1.mlp"])
+    torch.testing.assert_close(logits_of(wrapped.model, IDS), before, atol=1e-4, rtol=1e-4)
+
+
+def test_global_threshold_gives_non_uniform_counts_that_load(tmp_path):
+    wrapped = _planted({0: [(0, 1), (3, 5)]})
+    before = logits_of(wrapped.model, IDS)
+    wrapped.prune_experts(MoEPruneConfig(method="stun", expert_sparsity=2 / 12))
+    assert [s["num_experts"] for s in wrapped.summary()] == [4, 6]  # only the redundant layer loses experts
+    assert {2, 4} <= set(_kept(wrapped)["model.layers.0.mlp"])
+    after = logits_of(wrapped.model, IDS)
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+    wrapped.save_pretrained(tmp_path / "stun")
+    reloaded = AutoMoEPruneModelForCausalLM.from_pretrained(tmp_path / "stun")
+    assert [s["num_experts"] for s in reloaded.summary()] == [4, 6]
+    torch.testing.assert_close(logits_of(reloaded.model, IDS), after)
+
+
+def test_router_variant_runs_no_forward_pass():
+    wrapped = _planted({0: [(0, 1)]})
+    calls = []
+    handles = [wrapped.model.register_forward_pre_hook(lambda *a: calls.append("model"))]
+    handles += [layer.register_forward_pre_hook(lambda *a: calls.append("layer")) for layer in wrapped.model.model.layers]
+    wrapped.prune_experts(MoEPruneConfig(method="stun", expert_sparsity=0.25), calibration=None)
+    for handle in handles:
+        handle.remove()
+    assert calls == []
+    step = wrapped.record["steps"][-1]
+    assert step["forward_passes"] == 0 and step["calibration"] is None
+    assert sum(s["num_experts"] for s in wrapped.summary()) == 9
+
+
+def test_two_phases_owl_inside_surviving_experts():
+    wrapped = AutoMoEPruneModelForCausalLM.from_model(build_tiny_model("mixtral"))
+    wrapped.prune_experts(
+        MoEPruneConfig(method="stun", expert_sparsity=0.25, weight_sparsity=0.5, unstructured="owl"),
+        calibration=CALIB, batch_size=2,
+    )
+    record = wrapped.record
+    assert sum(s["num_experts"] for s in wrapped.summary()) == 9
+    step = record["steps"][-1]
+    assert step["forward_passes"] == 4  # OWL: outlier sweep + pruning sweep, 2 batches each
+    phase2 = step["details"]["unstructured"]
+    assert phase2["algorithm"] == "owl" and abs(phase2["mean_weight_sparsity"] - 0.5) < 0.05
+    for layer in wrapped.moe_layers():
+        w = layer.expert_tensors()["gate_up_proj"]
+        assert w.shape[0] == layer.num_experts
+        assert 0.3 < float((w == 0).float().mean()) < 0.7
+        assert record["weight_sparsity"][f"{layer.path}.experts.gate_up_proj"] == float((w == 0).float().mean())
+
+
+@pytest.mark.parametrize("distance", ["coactivation", "mix"])
+def test_calibrated_distances(distance):
+    wrapped = _planted({0: [(0, 1)]}, top_k=2)
+    method_options = {"distance": distance, "average_clusters_up_to": 2}
+    wrapped.prune_experts(
+        MoEPruneConfig(method="stun", experts_per_layer=5, method_options=method_options), calibration=CALIB
+    )
+    assert [s["num_experts"] for s in wrapped.summary()] == [5, 5]
+    assert wrapped.record["steps"][-1]["forward_passes"] == 1
+    # one pair averaged per layer (clusters of two are merged, not represented)
+    assert all(sum(len(g) == 2 for g in e["groups"]) == 1 for e in wrapped.record["layers"].values())
+
+
+def test_threshold_bisection_exact_with_ties():
+    rng = np.random.default_rng(0)
+    dendrograms = {
+        f"l{i}": Dendrogram.from_distance(router_distance(torch.from_numpy(rng.normal(size=(8, 16)))))
+        for i in range(3)
+    }
+    tie = Dendrogram.from_distance(torch.zeros(4, 4))  # every merge at height 0
+    dendrograms["tie"] = tie
+    floors = dict.fromkeys(dendrograms, 2)
+    for target in range(8, 28):
+        counts, threshold = global_threshold_counts(dendrograms, floors, target)
+        assert sum(counts.values()) == target and all(c >= 2 for c in counts.values())
+        # one global threshold: layers cut strictly below it are exactly the merges under it
+        for path, d in dendrograms.items():
+            assert d.count_at(threshold, 2) <= counts[path] <= d.count_at(np.nextafter(threshold, -1), 2)
+    with pytest.raises(ValueError, match="floors"):
+        global_threshold_counts(dendrograms, floors, 7)
+
+
+def test_stun_validates_before_calibration():
+    wrapped = AutoMoEPruneModelForCausalLM.from_model(build_tiny_model("mixtral"))
+    with pytest.raises(ValueError, match="top-k"):
+        wrapped.prune_experts(MoEPruneConfig(method="stun", num_experts_total=3))
+    with pytest.raises(ValueError, match="distance"):
+        wrapped.prune_experts(MoEPruneConfig(method="stun", experts_per_layer=4, method_options={"distance": "cos"}))
+    with pytest.raises(ValueError, match="weight_sparsity"):
+        wrapped.prune_experts(MoEPruneConfig(method="stun", experts_per_layer=4, unstructured="owl"))
