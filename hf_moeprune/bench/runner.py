@@ -99,8 +99,9 @@ def make_inputs(args: BenchArgs, model_path: str, vocab_size: int) -> torch.Tens
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model_path)
-        with open(args.text) as handle:
-            ids = tokenizer(handle.read(), return_tensors="pt").input_ids[0]
+        from .sweep import read_texts
+
+        ids = tokenizer("\n\n".join(read_texts(args.text)), return_tensors="pt").input_ids[0]
         need = args.batch_size * args.seq_len
         if ids.numel() < need:
             ids = ids.repeat(need // ids.numel() + 1)

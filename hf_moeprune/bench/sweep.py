@@ -29,8 +29,15 @@ from .report import summary_table
 
 
 def read_texts(path: str) -> list[str]:
-    with open(path) as handle:
-        return [line.strip() for line in handle if line.strip()]
+    """Texts of a file: one per line, or the `text` field of each record of a `.jsonl` / `.jsonl.gz` file."""
+    import gzip
+
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt") as handle:
+        lines = [line.strip() for line in handle if line.strip()]
+    if path.endswith((".jsonl", ".jsonl.gz")):
+        return [json.loads(line)["text"] for line in lines]
+    return lines
 
 
 def token_ids(model_path: str, text_file: str | None, vocab_size: int, count: int, seq_len: int, seed: int):
@@ -40,8 +47,7 @@ def token_ids(model_path: str, text_file: str | None, vocab_size: int, count: in
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model_path)
-        with open(text_file) as handle:
-            ids = tokenizer(handle.read(), return_tensors="pt").input_ids[0]
+        ids = tokenizer("\n\n".join(read_texts(text_file)), return_tensors="pt").input_ids[0]
         usable = (ids.numel() // seq_len) * seq_len
         if usable == 0:
             raise ValueError(f"{text_file} holds fewer than {seq_len} tokens")
