@@ -1,0 +1,54 @@
+"""UNCURL: task-aware expert clustering, permutation alignment and weighted merging.
+
+Sarkar et al., "Revisiting SMoE Language Models by Evaluating Inefficiencies with Task Specific Expert
+Pruning" (2024), https://arxiv.org/abs/2409.01483. No public code; implemented from the paper.
+"""
+
+from __future__ import annotations
+
+from ..merging import ClusterMergeMethod
+from ..registry import register_method
+
+
+@register_method
+class Uncurl(ClusterMergeMethod):
+    """Per MoE layer: cluster experts by their router logits on task data, align each cluster's members to its
+    most-used expert by a hidden-unit permutation, and merge each cluster into one expert by routed-token
+    weighted averaging.
+
+    With `S_ij` the cosine between experts i and j's router-logit columns over the calibration tokens
+    (accumulated as an `E x E` Gram matrix while streaming), spectral clustering on the affinity
+    `(S + 1) / 2` splits the layer's E experts into the target count. In each cluster C with anchor a (most
+    routed tokens), every other member m is permuted by `P_m = argmax_P <F_a, P F_m>` where F stacks each hidden
+    unit's gate row, up row and down column, solved as a linear assignment. The merged expert is
+    `W = sum_{m in C} f_m P_m W_m / sum_{m in C} f_m`, f_m = tokens routed to m.
+
+    Options (`MoEPruneConfig.method_options`):
+        similarity (`str`, default `"router-logits"`): `"router-logits"` (cosine), `"router-correlation"`
+            or `"expert-output"` (mean expert outputs).
+        clustering (`str`, default `"spectral"`): `"spectral"`, `"kmeans"` (on router-logit profiles of
+            the sampled calibration tokens), `"agglomerative"` or `"dominant"`.
+        linkage / cluster_on: for agglomerative clustering, the linkage and whether it runs on
+            `"similarity"` (1 - S) or `"features"` (Euclidean).
+        alignment (`str`, default `"weights"`): `"weights"`, `"activations"` (correlation of the units'
+            gate/up pre-activations on `alignment_tokens` sampled layer inputs, one extra forward pass) or `"none"`.
+        alignment_solver (`"auto"`): `"lapjv"` (the optional `lap` package) or `"scipy"`.
+        alignment_sketch (`"auto"`): CountSketch width for the unit features of large experts (None: exact).
+        merge_weights (`str`, default `"frequency"`): `"frequency"` (routed tokens), `"prob-mass"` (summed
+            router probabilities) or `"uniform"`.
+        router_rows (`str`, default `"weighted"`): the merged expert's router row, `"weighted"` (merge-weighted
+            average of the members' rows) or `"anchor"` (the anchor's row). The default was chosen on the
+            trained Mixtral testbed (`examples/results_merging.md`): see the router-row ablation there.
+        adaptive_by (`"redundancy"`): with `MoEPruneConfig(adaptive=True)`, per-layer counts follow how
+            redundant each layer's experts are (merge heights of average-linkage clustering on 1 - S), or
+            `"frequency"` (MC-SMoE's global dominant-expert count).
+
+    Example:
+        >>> model = AutoMoEPruneModelForCausalLM.from_pretrained("mixtral-32e")
+        >>> model.merge_experts(MoEPruneConfig(method="uncurl", experts_per_layer=8), calibration=task_texts)
+        >>> model.save_pretrained("out/")
+    """
+
+    name = "uncurl"
+    pretty_name = "UNCURL (cluster, align and merge experts)"
+    paper = "https://arxiv.org/abs/2409.01483"

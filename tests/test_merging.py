@@ -1,0 +1,243 @@
+"""Expert merging: permutation alignment for every expert layout, clustering, the uncurl / mc-smoe / hc-smoe
+pipelines end to end, and reduced checkpoints that reload with identical logits."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+from hf_moeprune import AutoMoEPruneModelForCausalLM, MoEPruneConfig
+from hf_moeprune.families import family_for_model_type
+from hf_moeprune.methods.merging import (
+    align_groups,
+    alignment_score,
+    cluster_experts,
+    num_units,
+    permute_expert_units,
+    redundancy_counts,
+    solve_assignment,
+)
+from hf_moeprune.methods.merging.alignment import expert_parameter
+from hf_moeprune.moe_layers import find_moe_layers
+from hf_moeprune.surgery import LayerPlan, apply_layer_plan
+
+TINY = {
+    "mixtral": dict(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        num_local_experts=6, num_experts_per_tok=2, vocab_size=96, max_position_embeddings=64,
+    ),
+    "gpt_oss": dict(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, num_local_experts=6, num_experts_per_tok=2, vocab_size=96, max_position_embeddings=64,
+        layer_types=["full_attention", "full_attention"],
+    ),
+    "switch_transformers": dict(
+        d_model=32, d_ff=48, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=2, num_experts=6,
+        encoder_sparse_step=1, decoder_sparse_step=1, vocab_size=96,
+    ),
+}
+
+
+def build(model_type: str, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(model_type, **{**TINY[model_type], **overrides})
+    auto = AutoModelForSeq2SeqLM if model_type == "switch_transformers" else AutoModelForCausalLM
+    model = auto.from_config(config).eval()
+    with torch.no_grad():  # random, non-degenerate experts and biases whatever the family's init
+        for layer in find_moe_layers(model, family_for_model_type(model_type)):
+            for tensor in layer.expert_tensor_specs():
+                for e in range(layer.num_experts):
+                    p = expert_parameter(layer, tensor, e)
+                    p.copy_(torch.randn_like(p) * 0.2)
+    return model
+
+
+def first_layer(model):
+    return find_moe_layers(model, family_for_model_type(model.config.model_type))[0]
+
+
+def expert_output(layer, expert: int, x: torch.Tensor) -> torch.Tensor:
+    """What one expert computes on `x`, called through the family's own experts module."""
+    if layer.spec.expert_layout == "modules":
+        return layer.expert_module(expert)(x)
+    index = torch.full((x.shape[0], 1), expert, dtype=torch.long)
+    return layer.experts(x, index, torch.ones(x.shape[0], 1))
+
+
+LAYOUTS = ["mixtral", "gpt_oss", "switch_transformers"]  # fused chunk2, fused interleave2, per-expert modules
+
+
+@pytest.mark.parametrize("model_type", LAYOUTS)
+@torch.no_grad()
+def test_permuting_units_keeps_the_function(model_type):
+    layer = first_layer(build(model_type))
+    x = torch.randn(16, 32)
+    before = expert_output(layer, 1, x)
+    weights_before = {n: t.clone() for n, t in layer.expert_tensors().items()}
+    perm = torch.randperm(num_units(layer), generator=torch.Generator().manual_seed(1))
+    permute_expert_units(layer, 1, perm)
+    torch.testing.assert_close(expert_output(layer, 1, x), before, atol=1e-5, rtol=1e-5)
+    changed = [n for n, t in layer.expert_tensors().items() if not torch.equal(t[1], weights_before[n][1])]
+    assert changed, "the permutation must move weights"
+    assert all(torch.equal(t[0], weights_before[n][0]) for n, t in layer.expert_tensors().items())
+
+
+def _plant_permuted_copy(layer, source: int, target: int, seed: int = 3) -> torch.Tensor:
+    """Make expert `target` an exact hidden-unit permutation of `source`, sharing its router row."""
+    for tensor in layer.expert_tensor_specs():
+        expert_parameter(layer, tensor, target).copy_(expert_parameter(layer, tensor, source))
+    perm = torch.randperm(num_units(layer), generator=torch.Generator().manual_seed(seed))
+    permute_expert_units(layer, target, perm)
+    for value in layer.router_tensors().values():
+        value.data[target] = value.data[source]
+    return perm
+
+
+@pytest.mark.parametrize("model_type", LAYOUTS)
+@torch.no_grad()
+def test_alignment_recovers_a_planted_permutation(model_type):
+    model = build(model_type)
+    x = torch.randn(32, 32)
+    errors = {}
+    for aligned in (True, False):
+        layer = first_layer(copy.deepcopy(model))
+        _plant_permuted_copy(layer, 0, 1)
+        reference = expert_output(layer, 0, x)
+        groups = [[0, 1]] + [[e] for e in range(2, layer.num_experts)]
+        if aligned:
+            reports = align_groups(layer, groups, mode="weights")
+            assert reports[0].score_after > reports[0].score_before
+        apply_layer_plan(layer, LayerPlan(groups=groups, weights=[[3.0, 1.0]] + [[1.0]] * (len(groups) - 1)))
+        assert layer.num_experts == len(groups)
+        errors[aligned] = (expert_output(layer, 0, x) - reference).abs().max().item()
+    assert errors[True] < 1e-5
+    assert errors[False] > 1e-2 > 1000 * errors[True]
+
+
+@torch.no_grad()
+def test_activation_alignment_recovers_a_planted_permutation():
+    layer = first_layer(build("mixtral"))
+    perm = _plant_permuted_copy(layer, 0, 1)
+    reports = align_groups(layer, [[0, 1]], mode="activations", inputs=torch.randn(64, 32))
+    assert reports[0].moved_units == len(perm) - int((perm == torch.arange(len(perm))).sum())
+    for tensor in layer.expert_tensor_specs():
+        torch.testing.assert_close(expert_parameter(layer, tensor, 1), expert_parameter(layer, tensor, 0))
+
+
+def test_sketched_score_still_recovers_a_noisy_permutation():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(256, 3000, generator=g)
+    perm = torch.randperm(256, generator=g)
+    b = a[perm] + 0.5 * torch.randn(256, 3000, generator=g)
+    for solver in ("scipy", "auto"):
+        found = solve_assignment(alignment_score(a, b, sketch_dim=512, chunk_rows=100), solver)
+        assert np.array_equal(perm.numpy()[found], np.arange(256))
+
+
+def _planted_similarity(groups, num, noise=0.05, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(len(groups), 20))
+    features = np.zeros((num, 20))
+    for g, members in enumerate(groups):
+        for e in members:
+            features[e] = centres[g] + noise * rng.normal(size=20)
+    unit = features / np.linalg.norm(features, axis=1, keepdims=True)
+    return torch.from_numpy(unit @ unit.T), torch.from_numpy(features)
+
+
+@pytest.mark.parametrize("method", ["spectral", "kmeans", "agglomerative", "dominant"])
+def test_clustering_finds_planted_groups(method):
+    planted = [[0, 3, 6], [1, 4], [2, 5, 7]]
+    similarity, features = _planted_similarity(planted, 8)
+    frequency = torch.tensor([9.0, 8, 7, 1, 2, 3, 1, 1])  # one most-used expert per group: the anchors
+    groups = cluster_experts(similarity, 3, method, frequency=frequency, features=features, seed=0)
+    assert sorted(sorted(g) for g in groups) == sorted(planted)
+    assert [g[0] for g in groups] == [0, 1, 2]  # anchor (most frequent) first
+    assert groups == cluster_experts(similarity, 3, method, frequency=frequency, features=features, seed=0)
+
+
+@pytest.mark.parametrize("method", ["spectral", "kmeans", "agglomerative"])
+def test_identical_experts_still_give_k_nonempty_groups(method):
+    similarity = torch.ones(6, 6, dtype=torch.float64)
+    groups = cluster_experts(similarity, 4, method, frequency=torch.ones(6), features=torch.ones(6, 5), seed=0)
+    assert len(groups) == 4 and all(groups) and sorted(sum(groups, [])) == list(range(6))
+
+
+def test_adaptive_counts_follow_redundancy():
+    redundant, _ = _planted_similarity([[0, 1, 2, 3], [4, 5, 6, 7]], 8, noise=0.01)
+    diverse, _ = _planted_similarity([[e] for e in range(8)], 8, seed=1)
+    counts = redundancy_counts({"a": redundant, "b": diverse}, budget=10, floors={"a": 2, "b": 2})
+    assert counts == {"a": 2, "b": 8}
+
+
+def _tokens(seed=0, n=8, length=24):
+    return torch.randint(0, 96, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("method", ["uncurl", "mc-smoe", "hc-smoe"])
+def test_merge_reloads_with_identical_logits_and_a_smaller_file(method, tmp_path):
+    base = build("mixtral")
+    wrapped = AutoMoEPruneModelForCausalLM.from_model(copy.deepcopy(base))
+    wrapped.save_pretrained(tmp_path / "base")
+    wrapped.merge_experts(MoEPruneConfig(method=method, experts_per_layer=3), calibration=_tokens())
+    wrapped.save_pretrained(tmp_path / "merged")
+    reloaded = AutoMoEPruneModelForCausalLM.from_pretrained(tmp_path / "merged")
+    probe = _tokens(seed=1, n=2)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=probe).logits, wrapped(input_ids=probe).logits, atol=0, rtol=0)
+    assert [s["num_experts"] for s in reloaded.summary()] == [3, 3]
+    layer = first_layer(base)
+    per_expert = sum(t[0].numel() * t.element_size() for t in layer.expert_tensors().values())
+    per_expert += layer.router_tensors()["weight"][0].numel() * 4
+    saved = lambda d: sum(f.stat().st_size for f in d.glob("*.safetensors"))  # noqa: E731
+    removed = 2 * 3 * per_expert
+    assert abs((saved(tmp_path / "base") - saved(tmp_path / "merged")) - removed) < 0.05 * removed
+
+
+@torch.no_grad()
+def test_uncurl_merges_planted_permuted_duplicates_without_changing_the_model(tmp_path):
+    model = build("mixtral", num_local_experts=8, num_experts_per_tok=1)
+    layers = find_moe_layers(model, family_for_model_type("mixtral"))
+    for layer in layers:
+        for source in range(4):
+            _plant_permuted_copy(layer, source, source + 4, seed=source)
+    probe = _tokens(seed=1, n=2)
+    before = model(input_ids=probe).logits
+    wrapped = AutoMoEPruneModelForCausalLM.from_model(model)
+    wrapped.merge_experts(MoEPruneConfig(method="uncurl", experts_per_layer=4), calibration=_tokens())
+    step = wrapped.record["steps"][-1]["details"]
+    for entry in step["layers"].values():
+        assert sorted(sorted(g) for g in entry["groups"]) == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    torch.testing.assert_close(wrapped(input_ids=probe).logits, before, atol=1e-4, rtol=1e-4)
+
+
+def test_adaptive_merge_saves_a_non_uniform_checkpoint_that_reloads(tmp_path):
+    model = build("mixtral", num_local_experts=8, num_experts_per_tok=1)
+    layers = find_moe_layers(model, family_for_model_type("mixtral"))
+    with torch.no_grad():
+        for source in range(4):  # layer 0 is redundant (duplicates), layer 1 is not
+            _plant_permuted_copy(layers[0], source, source + 4, seed=source)
+    wrapped = AutoMoEPruneModelForCausalLM.from_model(model)
+    config = MoEPruneConfig(method="uncurl", num_experts_total=12, adaptive=True)
+    wrapped.merge_experts(config, calibration=_tokens())
+    counts = [s["num_experts"] for s in wrapped.summary()]
+    assert sum(counts) == 12 and counts[0] < counts[1]
+    wrapped.save_pretrained(tmp_path / "adaptive")
+    reloaded = AutoMoEPruneModelForCausalLM.from_pretrained(tmp_path / "adaptive")
+    probe = _tokens(seed=1, n=2)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=probe).logits, wrapped(input_ids=probe).logits, atol=0, rtol=0)
+
+
+def test_bad_options_fail_before_calibration():
+    wrapped = AutoMoEPruneModelForCausalLM.from_model(build("mixtral"))
+    with pytest.raises(ValueError, match="Unknown option"):
+        wrapped.merge_experts(MoEPruneConfig(method="uncurl", experts_per_layer=3, method_options={"bogus": 1}))
+    with pytest.raises(ValueError, match="clustering"):
+        wrapped.merge_experts(MoEPruneConfig(method="uncurl", experts_per_layer=3, method_options={"clustering": "x"}))
+    with pytest.raises(ValueError, match="top-k"):
+        wrapped.merge_experts(MoEPruneConfig(method="uncurl", experts_per_layer=1))
