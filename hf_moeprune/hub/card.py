@@ -142,6 +142,41 @@ def _license_from_card_text(text: str) -> str | None:
     return license_ if isinstance(license_, str) else None
 
 
+def fetch_hub_card_license(
+    base_model: str, *, endpoint: str | None = None, token: str | bool | None = None, raise_transient: bool = False
+) -> str | None:
+    """The `license` in the metadata of a Hub model's README, in one request (no hidden retries).
+
+    Returns `None` when the model, its README or the license is missing or not readable. Connection errors and
+    HTTP 408/429/5xx are raised when `raise_transient` (the caller retries), otherwise they also give `None`.
+    """
+    import httpx2
+    from huggingface_hub import constants
+    from huggingface_hub.utils import build_hf_headers, get_session
+
+    endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
+    try:
+        response = get_session().get(
+            f"{endpoint}/{base_model}/resolve/main/README.md",
+            headers=build_hf_headers(token=token),
+            follow_redirects=True,
+            timeout=10,
+        )
+    except httpx2.TransportError:
+        if raise_transient:
+            raise
+        return None
+    if response.status_code in (408, 429) or response.status_code >= 500:
+        if raise_transient:
+            from huggingface_hub.utils import hf_raise_for_status
+
+            hf_raise_for_status(response)
+        return None
+    if response.status_code != 200:
+        return None
+    return _license_from_card_text(response.text)
+
+
 def resolve_base_license(
     base_model: str | None, *, fetch_remote: bool = False, token: str | bool | None = None
 ) -> str | None:
@@ -163,14 +198,7 @@ def resolve_base_license(
         return _license_from_card_text(Path(cached).read_text(encoding="utf-8"))
     if not fetch_remote or constants.is_offline_mode():
         return None
-    from huggingface_hub import HfApi
-
-    try:
-        path = HfApi(token=token).hf_hub_download(base_model, "README.md")
-        return _license_from_card_text(Path(path).read_text(encoding="utf-8"))
-    except Exception as error:  # offline, gated, no README: the card stays valid without a license
-        logger.info("Could not read the license of %s from the Hub: %s", base_model, error)
-        return None
+    return fetch_hub_card_license(base_model, token=token)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -210,7 +238,7 @@ def _fmt_number(value: Any) -> str:
         return f"{value:,}"
     if not math.isfinite(value):
         return str(value)
-    return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.1f}"
+    return f"{value:.4g}" if abs(value) < 1e3 else f"{value:,.1f}"
 
 
 def _md_cell(value: Any) -> str:
@@ -358,7 +386,6 @@ def build_model_card(
                     dataset_name=task,
                     metric_type=metric,
                     metric_value=row["value"],
-                    source_name="hf_moeprune evaluation harness",
                 )
             )
             stderr = row.get("stderr")

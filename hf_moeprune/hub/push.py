@@ -19,7 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from .card import build_model_card, is_generated_card, read_moeprune_entry
+from .card import build_model_card, fetch_hub_card_license, is_generated_card, read_moeprune_entry, resolve_base_license
+from .card import _looks_like_hub_repo_id
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo
@@ -213,9 +214,15 @@ def push_checkpoint(
     if readme.is_file() and not is_generated_card(readme.read_text(encoding="utf-8")):
         card_text = readme.read_text(encoding="utf-8")
     else:
-        card_text = str(
-            build_model_card(folder, model_name=repo_id, tags=tags, fetch_base_license=True, token=resolved_token)
-        )
+        base_model = entry.get("base_model")
+        license_ = entry.get("license") or resolve_base_license(base_model)
+        if license_ is None and _looks_like_hub_repo_id(base_model):
+            license_ = _with_retries(
+                lambda: fetch_hub_card_license(base_model, endpoint=endpoint, token=resolved_token, raise_transient=True),
+                what=f"read the license of the base model {base_model}",
+                **retry,
+            )
+        card_text = str(build_model_card(folder, model_name=repo_id, tags=tags, license=license_))
     headers = api._build_hf_headers(token=resolved_token)
     _with_retries(lambda: _validate_card(card_text, endpoint=endpoint, headers=headers), what="validate the model card", **retry)
 
