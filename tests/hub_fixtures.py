@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from hub_server import LocalHubServer
 
 
@@ -26,12 +25,21 @@ def local_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Local
 
     with LocalHubServer() as hub:
         cache = tmp_path / "hf_cache"
-        env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": hub.token, "HF_HUB_DISABLE_XET": "1", "HF_HUB_CACHE": str(cache),
-               "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1"}
+        env = {
+            "HF_ENDPOINT": hub.url,
+            "HF_TOKEN": hub.token,
+            "HF_HUB_DISABLE_XET": "1",
+            "HF_HUB_CACHE": str(cache),
+            "HF_HUB_OFFLINE": "0",
+            "TRANSFORMERS_OFFLINE": "0",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+        }
         for key, value in env.items():
             monkeypatch.setenv(key, value)
         monkeypatch.setattr(constants, "ENDPOINT", hub.url)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(
+            constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}"
+        )
         monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
         monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
@@ -44,20 +52,35 @@ def local_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Local
 def folder_fingerprint(folder: Path) -> dict[str, tuple[str, int]]:
     """sha256 and mtime of every file under `folder`, to prove a failed push changed nothing."""
     return {
-        path.relative_to(folder).as_posix(): (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns)
+        path.relative_to(folder).as_posix(): (
+            hashlib.sha256(path.read_bytes()).hexdigest(),
+            path.stat().st_mtime_ns,
+        )
         for path in sorted(folder.rglob("*"))
         if path.is_file()
     }
 
 
 TINY_MIXTRAL = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    num_local_experts=4, num_experts_per_tok=2, vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_local_experts=4,
+    num_experts_per_tok=2,
+    vocab_size=128,
 )
 
 
-def make_handmade_checkpoint(folder: Path, *, merged: bool = False, uniform: bool = True,
-                             base_model: str = "me/tiny-mixtral-base", with_extras: bool = True) -> Path:
+def make_handmade_checkpoint(
+    folder: Path,
+    *,
+    merged: bool = False,
+    uniform: bool = True,
+    base_model: str = "me/tiny-mixtral-base",
+    with_extras: bool = True,
+) -> Path:
     """A tiny Mixtral saved with a hand-written `moeprune` entry (card and push tests independent of the core)."""
     import torch
     from transformers import MixtralConfig, MixtralForCausalLM
@@ -66,28 +89,69 @@ def make_handmade_checkpoint(folder: Path, *, merged: bool = False, uniform: boo
     model = MixtralForCausalLM(MixtralConfig(**{**TINY_MIXTRAL, "num_local_experts": 2})).eval()
     model.save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
-    step = {"method": "hc-smoe" if merged else "frequency",
-            "config": {"method": "hc-smoe" if merged else "frequency", "experts_per_layer": 2, "expert_sparsity": None,
-                       "num_experts_total": None, "adaptive": False, "weight_sparsity": None, "unstructured": None,
-                       "nm_pattern": None, "top_k": None, "seed": 0, "method_options": {}, "library_version": "0.1.0"},
-            "calibration": {"description": "64 sequences of wikitext-2 train", "num_sequences": 64, "num_tokens": 16384}}
+    step = {
+        "method": "hc-smoe" if merged else "frequency",
+        "config": {
+            "method": "hc-smoe" if merged else "frequency",
+            "experts_per_layer": 2,
+            "expert_sparsity": None,
+            "num_experts_total": None,
+            "adaptive": False,
+            "weight_sparsity": None,
+            "unstructured": None,
+            "nm_pattern": None,
+            "top_k": None,
+            "seed": 0,
+            "method_options": {},
+            "library_version": "0.1.0",
+        },
+        "calibration": {
+            "description": "64 sequences of wikitext-2 train",
+            "num_sequences": 64,
+            "num_tokens": 16384,
+        },
+    }
     groups = [[0, 1], [2, 3]] if merged else [[0], [3]]
     weights = [[0.6, 0.4], [0.5, 0.5]] if merged else [[1.0], [1.0]]
-    layers = {f"model.layers.{i}.mlp": {"original_num_experts": 4, "num_experts": 2, "top_k": 2,
-                                        "groups": groups, "merge_weights": weights} for i in range(2)}
+    layers = {
+        f"model.layers.{i}.mlp": {
+            "original_num_experts": 4,
+            "num_experts": 2,
+            "top_k": 2,
+            "groups": groups,
+            "merge_weights": weights,
+        }
+        for i in range(2)
+    }
     config["moeprune"] = {
-        "library_version": "0.1.0", "base_model": base_model, "family": "mixtral", "uniform": uniform,
-        "steps": [step], "layers": layers, "weight_sparsity": {"model.layers.0.mlp.experts": 0.5},
-        "parameters": {"before": 120_000, "after": 80_000}, "bytes": {"before": 480_000, "after": 320_000},
+        "library_version": "0.1.0",
+        "base_model": base_model,
+        "family": "mixtral",
+        "uniform": uniform,
+        "steps": [step],
+        "layers": layers,
+        "weight_sparsity": {"model.layers.0.mlp.experts": 0.5},
+        "parameters": {"before": 120_000, "after": 80_000},
+        "bytes": {"before": 480_000, "after": 320_000},
     }
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     if with_extras:
-        (folder / "eval_results.json").write_text(json.dumps([
-            {"task": "arc_easy", "metric": "acc", "value": 0.412, "stderr": 0.01, "n": 2376},
-            {"task": "wikitext", "metric": "word_perplexity", "value": 23.5, "stderr": None, "n": 62},
-        ]))
-        (folder / "bench.json").write_text(json.dumps({
-            "tokens_per_second": 1234.5, "peak_memory_mb": 512, "device": "cpu",
-            "summary": [{"model": "base", "tok/s": 700.0}, {"model": "pruned", "tok/s": 910.2}],
-        }))
+        (folder / "eval_results.json").write_text(
+            json.dumps(
+                [
+                    {"task": "arc_easy", "metric": "acc", "value": 0.412, "stderr": 0.01, "n": 2376},
+                    {"task": "wikitext", "metric": "word_perplexity", "value": 23.5, "stderr": None, "n": 62},
+                ]
+            )
+        )
+        (folder / "bench.json").write_text(
+            json.dumps(
+                {
+                    "tokens_per_second": 1234.5,
+                    "peak_memory_mb": 512,
+                    "device": "cpu",
+                    "summary": [{"model": "base", "tok/s": 700.0}, {"model": "pruned", "tok/s": 910.2}],
+                }
+            )
+        )
     return folder

@@ -44,7 +44,19 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import yaml
 
 LFS_THRESHOLD = 10 * 1024 * 1024
-LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".onnx", ".h5", ".msgpack", ".npz", ".zip")
+LFS_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".gguf",
+    ".onnx",
+    ".h5",
+    ".msgpack",
+    ".npz",
+    ".zip",
+)
 REPO_ID_RE = re.compile(r"^[\w][\w.\-]{0,95}/[\w][\w.\-]{0,95}$")
 ZERO_SHA = "0" * 40
 
@@ -235,12 +247,22 @@ class LocalHubServer:
         repo = Repo(repo_id, private)
         self.repos[repo_id] = repo
         self.lfs[repo_id] = {}
-        gitattributes = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n"
-        self._add_commit(repo, "main", {".gitattributes": StoredFile(gitattributes)}, "initial commit", "", parent=None)
+        gitattributes = (
+            b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n"
+        )
+        self._add_commit(
+            repo, "main", {".gitattributes": StoredFile(gitattributes)}, "initial commit", "", parent=None
+        )
         return repo
 
     def _add_commit(
-        self, repo: Repo, ref: str, files: dict[str, StoredFile], summary: str, description: str, parent: Any = ...
+        self,
+        repo: Repo,
+        ref: str,
+        files: dict[str, StoredFile],
+        summary: str,
+        description: str,
+        parent: Any = ...,
     ) -> str:
         if parent is ...:
             parent = repo.refs.get(ref)
@@ -291,7 +313,9 @@ class _Handler(BaseHTTPRequestHandler):
             return b"".join(chunks)
         return b""
 
-    def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None, method: str = "GET") -> None:
+    def _send(
+        self, status: int, body: bytes = b"", headers: dict[str, str] | None = None, method: str = "GET"
+    ) -> None:
         self.send_response(status)
         headers = {"Content-Type": "application/json", **(headers or {})}
         for key, value in headers.items():
@@ -301,7 +325,9 @@ class _Handler(BaseHTTPRequestHandler):
         if method != "HEAD" and body:
             self.wfile.write(body)
 
-    def _json(self, status: int, data: Any, method: str = "GET", headers: dict[str, str] | None = None) -> None:
+    def _json(
+        self, status: int, data: Any, method: str = "GET", headers: dict[str, str] | None = None
+    ) -> None:
         self._send(status, json.dumps(data).encode(), headers, method)
 
     def _authorized(self) -> bool | None:
@@ -368,8 +394,16 @@ class _Handler(BaseHTTPRequestHandler):
             if method == "GET" and rest == ["whoami-v2"]:
                 if self._authorized() is not True:
                     raise HubError(401, "Invalid credentials in Authorization header")
-                self._json(200, {"type": "user", "name": hub.user, "fullname": hub.user, "orgs": [],
-                                 "auth": {"type": "access_token", "accessToken": {"role": "write"}}})
+                self._json(
+                    200,
+                    {
+                        "type": "user",
+                        "name": hub.user,
+                        "fullname": hub.user,
+                        "orgs": [],
+                        "auth": {"type": "access_token", "accessToken": {"role": "write"}},
+                    },
+                )
                 return True
             if method == "GET" and rest == ["agent-harnesses"]:  # huggingface_hub's user-agent detection
                 self._json(200, {"standardEnvVars": [], "harnesses": {}})
@@ -388,7 +422,12 @@ class _Handler(BaseHTTPRequestHandler):
                 repo_id, tail = f"{rest[1]}/{rest[2]}", rest[3:]
                 return self._model_api(method, repo_id, tail, query, body)
             return False
-        if method == "POST" and len(parts) == 6 and parts[1].endswith(".git") and parts[2:] == ["info", "lfs", "objects", "batch"]:
+        if (
+            method == "POST"
+            and len(parts) == 6
+            and parts[1].endswith(".git")
+            and parts[2:] == ["info", "lfs", "objects", "batch"]
+        ):
             return self._lfs_batch(f"{parts[0]}/{parts[1][:-4]}", json.loads(body))
         if parts[:1] == ["_lfs"] and len(parts) == 4:
             repo_id = f"{parts[1]}/{parts[2]}"
@@ -414,27 +453,45 @@ class _Handler(BaseHTTPRequestHandler):
             raise HubError(400, f"Invalid repo name {repo_id!r}")
         url = f"http://{self.headers.get('Host')}/{repo_id}"
         if repo_id in hub.repos:
-            self._json(409, {"error": "You already created this model repo", "url": url},
-                       headers={"X-Error-Message": "You already created this model repo"})
+            self._json(
+                409,
+                {"error": "You already created this model repo", "url": url},
+                headers={"X-Error-Message": "You already created this model repo"},
+            )
             return True
         hub._create_repo(repo_id, payload.get("visibility") == "private" or bool(payload.get("private")))
         self._json(200, {"url": url, "name": repo_id, "id": repo_id})
         return True
 
-    def _model_api(self, method: str, repo_id: str, tail: list[str], query: dict[str, str], body: bytes) -> bool:
+    def _model_api(
+        self, method: str, repo_id: str, tail: list[str], query: dict[str, str], body: bytes
+    ) -> bool:
         if method == "GET" and (not tail or tail[0] == "revision"):
             repo = self._repo(repo_id)
             commit = self._commit(repo, tail[1] if len(tail) > 1 else "main")
             card_data = None
             if "README.md" in commit.files:
-                match = re.match(r"^---\s*\n(.*?)\n---", commit.files["README.md"].content.decode("utf-8", "replace"), re.S)
+                match = re.match(
+                    r"^---\s*\n(.*?)\n---", commit.files["README.md"].content.decode("utf-8", "replace"), re.S
+                )
                 card_data = yaml.safe_load(match.group(1)) if match else None
-            self._json(200, {
-                "id": repo_id, "modelId": repo_id, "sha": commit.oid, "private": repo.private, "disabled": False,
-                "gated": False, "downloads": 0, "likes": 0, "tags": (card_data or {}).get("tags", []),
-                "cardData": card_data, "lastModified": "2026-01-01T00:00:00.000Z",
-                "siblings": [{"rfilename": path} for path in sorted(commit.files)],
-            })
+            self._json(
+                200,
+                {
+                    "id": repo_id,
+                    "modelId": repo_id,
+                    "sha": commit.oid,
+                    "private": repo.private,
+                    "disabled": False,
+                    "gated": False,
+                    "downloads": 0,
+                    "likes": 0,
+                    "tags": (card_data or {}).get("tags", []),
+                    "cardData": card_data,
+                    "lastModified": "2026-01-01T00:00:00.000Z",
+                    "siblings": [{"rfilename": path} for path in sorted(commit.files)],
+                },
+            )
             return True
         if method == "GET" and tail[:1] == ["tree"] and len(tail) >= 2:
             repo = self._repo(repo_id)
@@ -445,8 +502,16 @@ class _Handler(BaseHTTPRequestHandler):
             return True
         if method == "GET" and tail == ["refs"]:
             repo = self._repo(repo_id)
-            branches = [{"name": n, "ref": f"refs/heads/{n}", "targetCommit": o} for n, o in repo.refs.items() if not n.startswith("refs/")]
-            prs = [{"name": n, "ref": n, "targetCommit": o} for n, o in repo.refs.items() if n.startswith("refs/pr/")]
+            branches = [
+                {"name": n, "ref": f"refs/heads/{n}", "targetCommit": o}
+                for n, o in repo.refs.items()
+                if not n.startswith("refs/")
+            ]
+            prs = [
+                {"name": n, "ref": n, "targetCommit": o}
+                for n, o in repo.refs.items()
+                if n.startswith("refs/pr/")
+            ]
             self._json(200, {"branches": branches, "converts": [], "tags": [], "pullRequests": prs})
             return True
         if method == "POST" and len(tail) == 2 and tail[0] == "preupload":
@@ -455,10 +520,18 @@ class _Handler(BaseHTTPRequestHandler):
             files = []
             for item in json.loads(body)["files"]:
                 sample = base64.b64decode(item.get("sample", ""))
-                binary = b"\0" in sample or item["path"].endswith(LFS_SUFFIXES) or item["size"] >= LFS_THRESHOLD
+                binary = (
+                    b"\0" in sample or item["path"].endswith(LFS_SUFFIXES) or item["size"] >= LFS_THRESHOLD
+                )
                 existing = commit.files.get(item["path"]) if commit else None
-                files.append({"path": item["path"], "uploadMode": "lfs" if binary else "regular",
-                              "shouldIgnore": False, "oid": existing.git_oid if existing else None})
+                files.append(
+                    {
+                        "path": item["path"],
+                        "uploadMode": "lfs" if binary else "regular",
+                        "shouldIgnore": False,
+                        "oid": existing.git_oid if existing else None,
+                    }
+                )
             self._json(200, {"files": files, "commitOid": commit.oid if commit else ZERO_SHA})
             return True
         if method == "POST" and len(tail) == 2 and tail[0] == "branch":
@@ -480,18 +553,24 @@ class _Handler(BaseHTTPRequestHandler):
         for path in sorted(commit.files):
             if not path.startswith(base):
                 continue
-            rest = path[len(base):]
+            rest = path[len(base) :]
             if "/" in rest and not recursive:
                 folders.add(base + rest.split("/")[0])
                 continue
             stored = commit.files[path]
             entry = {"type": "file", "path": path, "size": len(stored.content), "oid": stored.git_oid}
             if stored.lfs_oid:
-                entry["lfs"] = {"oid": stored.lfs_oid, "size": len(stored.content), "pointerSize": len(lfs_pointer(stored.lfs_oid, len(stored.content)))}
+                entry["lfs"] = {
+                    "oid": stored.lfs_oid,
+                    "size": len(stored.content),
+                    "pointerSize": len(lfs_pointer(stored.lfs_oid, len(stored.content))),
+                }
             entries.append(entry)
         if prefix and not entries and not folders:
             raise HubError(404, f"{prefix} not found", "EntryNotFound")
-        return [{"type": "directory", "path": f, "oid": ZERO_SHA, "size": 0} for f in sorted(folders)] + entries
+        return [
+            {"type": "directory", "path": f, "oid": ZERO_SHA, "size": 0} for f in sorted(folders)
+        ] + entries
 
     def _commit_endpoint(self, repo: Repo, revision: str, query: dict[str, str], body: bytes) -> bool:
         hub = self.server_hub
@@ -506,7 +585,11 @@ class _Handler(BaseHTTPRequestHandler):
         for line in lines:
             key, value = line["key"], line["value"]
             if key == "file":
-                content = base64.b64decode(value["content"]) if value.get("encoding") == "base64" else value["content"].encode()
+                content = (
+                    base64.b64decode(value["content"])
+                    if value.get("encoding") == "base64"
+                    else value["content"].encode()
+                )
                 files[value["path"]] = StoredFile(content)
             elif key == "lfsFile":
                 data = hub.lfs[repo.repo_id].get(value["oid"])
@@ -526,13 +609,29 @@ class _Handler(BaseHTTPRequestHandler):
         if create_pr:
             repo.num_prs += 1
             ref = f"refs/pr/{repo.num_prs}"
-            oid = hub._add_commit(repo, ref, files, header.get("summary", ""), header.get("description", ""), parent=base.oid)
+            oid = hub._add_commit(
+                repo, ref, files, header.get("summary", ""), header.get("description", ""), parent=base.oid
+            )
             pr_url = f"{host}/{repo.repo_id}/discussions/{repo.num_prs}"
         else:
-            oid = hub._add_commit(repo, revision, files, header.get("summary", ""), header.get("description", ""), parent=base.oid)
+            oid = hub._add_commit(
+                repo,
+                revision,
+                files,
+                header.get("summary", ""),
+                header.get("description", ""),
+                parent=base.oid,
+            )
             pr_url = None
-        self._json(200, {"commitUrl": f"{host}/{repo.repo_id}/commit/{oid}", "commitOid": oid,
-                         "pullRequestUrl": pr_url, "success": True})
+        self._json(
+            200,
+            {
+                "commitUrl": f"{host}/{repo.repo_id}/commit/{oid}",
+                "commitOid": oid,
+                "pullRequestUrl": pr_url,
+                "success": True,
+            },
+        )
         return True
 
     def _lfs_batch(self, repo_id: str, payload: dict[str, Any]) -> bool:
@@ -548,8 +647,11 @@ class _Handler(BaseHTTPRequestHandler):
                     "verify": {"href": f"{host}/_lfs/{repo_id}/verify", "header": {}},
                 }
             objects.append(item)
-        self._json(200, {"transfer": "basic", "objects": objects, "hash_algo": "sha256"},
-                   headers={"Content-Type": "application/vnd.git-lfs+json"})
+        self._json(
+            200,
+            {"transfer": "basic", "objects": objects, "hash_algo": "sha256"},
+            headers={"Content-Type": "application/vnd.git-lfs+json"},
+        )
         return True
 
     def _lfs_put(self, repo_id: str, oid: str, body: bytes) -> bool:
@@ -568,8 +670,12 @@ class _Handler(BaseHTTPRequestHandler):
         stored = commit.files.get(path)
         if stored is None:
             raise HubError(404, f"Entry {path} not found", "EntryNotFound")
-        headers = {"Content-Type": "application/octet-stream", "X-Repo-Commit": commit.oid,
-                   "ETag": f'"{stored.lfs_oid or stored.git_oid}"', "Accept-Ranges": "bytes"}
+        headers = {
+            "Content-Type": "application/octet-stream",
+            "X-Repo-Commit": commit.oid,
+            "ETag": f'"{stored.lfs_oid or stored.git_oid}"',
+            "Accept-Ranges": "bytes",
+        }
         if stored.lfs_oid:
             headers["X-Linked-Etag"] = f'"{stored.lfs_oid}"'
             headers["X-Linked-Size"] = str(len(stored.content))
@@ -586,12 +692,13 @@ class _Handler(BaseHTTPRequestHandler):
         return True
 
 
-
 if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description="Run the local Hub-compatible test server.")
-    parser.add_argument("--max-lifetime", type=float, default=600.0, help="Seconds before it stops by itself.")
+    parser.add_argument(
+        "--max-lifetime", type=float, default=600.0, help="Seconds before it stops by itself."
+    )
     args = parser.parse_args()
     hub = LocalHubServer(max_lifetime_s=args.max_lifetime).start()
     print(f"HF_ENDPOINT={hub.url} HF_TOKEN={hub.token} HF_HUB_DISABLE_XET=1", flush=True)

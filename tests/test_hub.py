@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hub_fixtures import folder_fingerprint, local_hub, make_handmade_checkpoint  # noqa: F401  (fixture)
+from hub_fixtures import TINY_MIXTRAL, folder_fingerprint, make_handmade_checkpoint
 from hub_server import LocalHubServer, validate_card_metadata
 
 from hf_moeprune import AutoMoEPruneModelForCausalLM, MoEPruneConfig
@@ -22,6 +22,8 @@ from hf_moeprune.hub import (
 )
 from hf_moeprune.hub.card import GENERATED_MARKER, TEMPLATE_PATH
 
+pytest_plugins = ["hub_fixtures"]  # the local_hub fixture
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FAST_RETRY = {"retry_wait": 0.01, "max_wait": 0.05}
 
@@ -33,7 +35,9 @@ def _metadata(text: str) -> dict:
 # ----------------------------------------------------------------------------------------------- cards
 
 
-@pytest.mark.parametrize("merged, uniform", [(False, True), (True, False)], ids=["pruned-uniform", "merged-nonuniform"])
+@pytest.mark.parametrize(
+    "merged, uniform", [(False, True), (True, False)], ids=["pruned-uniform", "merged-nonuniform"]
+)
 def test_card_records_the_checkpoint(tmp_path: Path, merged: bool, uniform: bool) -> None:
     folder = make_handmade_checkpoint(tmp_path / "ck", merged=merged, uniform=uniform)
     card = build_model_card(folder, license="apache-2.0")
@@ -45,14 +49,18 @@ def test_card_records_the_checkpoint(tmp_path: Path, merged: bool, uniform: bool
     assert {"moe", "merged" if merged else "pruned", method} <= set(data["tags"])
     results = data["model-index"][0]["results"]
     assert {(r["dataset"]["type"], r["metrics"][0]["type"], r["metrics"][0]["value"]) for r in results} == {
-        ("arc_easy", "acc", 0.412), ("wikitext", "word_perplexity", 23.5)}
+        ("arc_easy", "acc", 0.412),
+        ("wikitext", "word_perplexity", 23.5),
+    }
     text = str(card)
     assert not validate_card_metadata(text)
     assert "| Parameters | 120.00K (120,000) | 80.00K (80,000) | -33.3% |" in text
     assert "| `model.layers.1.mlp` | 4 | 2 | 2 |" in text
     assert ("0←0×0.6 + 1×0.4" in text) == merged and ("kept 0, 3" in text) == (not merged)
     assert "64 sequences" in text and "16384 tokens" in text
-    assert "tokens_per_second: 1,234.5" in text and "| pruned | 910.2 |" in text  # bench.json headline figures
+    assert (
+        "tokens_per_second: 1,234.5" in text and "| pruned | 910.2 |" in text
+    )  # bench.json headline figures
     assert "50.0%" in text  # weight sparsity
     if merged:
         assert "[HC-SMoE](https://arxiv.org/abs/2410.08589)" in text and "trust_remote_code=True" in text
@@ -63,7 +71,9 @@ def test_card_records_the_checkpoint(tmp_path: Path, merged: bool, uniform: bool
 
 
 def test_card_without_optional_files_or_hub_base(tmp_path: Path) -> None:
-    folder = make_handmade_checkpoint(tmp_path / "ck", base_model=str(tmp_path / "local-base"), with_extras=False)
+    folder = make_handmade_checkpoint(
+        tmp_path / "ck", base_model=str(tmp_path / "local-base"), with_extras=False
+    )
     (tmp_path / "local-base").mkdir()
     (tmp_path / "local-base" / "README.md").write_text("---\nlicense: mit\n---\n# base\n")
     data = build_model_card(folder).data.to_dict()
@@ -103,8 +113,6 @@ def _upload_base(hub: LocalHubServer, tmp_path: Path) -> None:
     """A tiny Mixtral base model with an apache-2.0 card, hosted on the local Hub as me/tiny-base."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    from hub_fixtures import TINY_MIXTRAL
-
     torch.manual_seed(0)
     base = MixtralForCausalLM(MixtralConfig(**TINY_MIXTRAL)).eval()
     folder = tmp_path / "base"
@@ -139,11 +147,13 @@ def test_prune_push_and_load_back(local_hub: LocalHubServer, tmp_path: Path) -> 
 
     card = ModelCard.load("me/x")
     data = yaml.safe_load(str(card).split("---")[1])
-    assert data["base_model"] == "me/tiny-base" and data["license"] == "apache-2.0"  # carried from the base card
+    assert (
+        data["base_model"] == "me/tiny-base" and data["license"] == "apache-2.0"
+    )  # carried from the base card
     assert data["library_name"] == "transformers" and data["pipeline_tag"] == "text-generation"
     assert {"moe", "pruned", "frequency"} <= set(data["tags"])
     assert read_recipes_from_card(card) == [config]
-    assert "from_pretrained(\"me/x\")" in str(card)
+    assert 'from_pretrained("me/x")' in str(card)
     assert not local_hub.unhandled
 
 

@@ -10,16 +10,28 @@ HELP = "Upload a pruned or merged checkpoint folder (weights, config, generated 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint_dir", metavar="OUT_DIR", help="Folder written by save_pretrained (or `prune`/`merge`).")
+    parser.add_argument(
+        "checkpoint_dir", metavar="OUT_DIR", help="Folder written by save_pretrained (or `prune`/`merge`)."
+    )
     parser.add_argument("repo_id", metavar="REPO_ID", help="Target repository, e.g. me/mixtral-4e.")
-    parser.add_argument("--private", action="store_true", default=None, help="Create the repository as private.")
-    parser.add_argument("--token", default=None, help="Write token (default: HF_TOKEN or the `hf auth login` token).")
+    parser.add_argument(
+        "--private", action="store_true", default=None, help="Create the repository as private."
+    )
+    parser.add_argument(
+        "--token", default=None, help="Write token (default: HF_TOKEN or the `hf auth login` token)."
+    )
     parser.add_argument("--revision", default=None, help="Branch to push to (created from main if missing).")
     parser.add_argument("--commit-message", default=None, help="Commit summary.")
     parser.add_argument("--commit-description", default=None, help="Commit description.")
-    parser.add_argument("--create-pr", action="store_true", help="Open a pull request instead of committing directly.")
-    parser.add_argument("--tag", dest="tags", action="append", default=None, help="Extra model card tag (repeatable).")
-    parser.add_argument("--max-retries", type=int, default=5, help="Retries on transient Hub failures (default 5).")
+    parser.add_argument(
+        "--create-pr", action="store_true", help="Open a pull request instead of committing directly."
+    )
+    parser.add_argument(
+        "--tag", dest="tags", action="append", default=None, help="Extra model card tag (repeatable)."
+    )
+    parser.add_argument(
+        "--max-retries", type=int, default=5, help="Retries on transient Hub failures (default 5)."
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,8 +19,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from .card import build_model_card, fetch_hub_card_license, is_generated_card, read_moeprune_entry, resolve_base_license
-from .card import _looks_like_hub_repo_id
+from .card import (
+    _looks_like_hub_repo_id,
+    build_model_card,
+    fetch_hub_card_license,
+    is_generated_card,
+    read_moeprune_entry,
+    resolve_base_license,
+)
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo
@@ -75,7 +81,11 @@ def _with_retries(
             if not _is_transient(error):
                 raise _explain(error, what=what, endpoint=endpoint) from error
             if attempt >= max_retries:
-                cause = f"HTTP {_status_code(error)}" if isinstance(error, HfHubHTTPError) else type(error).__name__
+                cause = (
+                    f"HTTP {_status_code(error)}"
+                    if isinstance(error, HfHubHTTPError)
+                    else type(error).__name__
+                )
                 raise HubPushError(
                     f"Could not {what}: the Hub at {endpoint} is unreachable or failing ({cause}: {error}) after "
                     f"{attempt + 1} attempts. Nothing was changed locally; check your connection and HF_ENDPOINT, "
@@ -86,7 +96,12 @@ def _with_retries(
             if retry_after is not None:
                 wait = min(max_wait, max(wait, retry_after))
             logger.warning(
-                "Transient error while trying to %s (%s); retry %d/%d in %.2fs.", what, error, attempt + 1, max_retries, wait
+                "Transient error while trying to %s (%s); retry %d/%d in %.2fs.",
+                what,
+                error,
+                attempt + 1,
+                max_retries,
+                wait,
             )
             time.sleep(wait)
             attempt += 1
@@ -207,7 +222,9 @@ def push_checkpoint(
     _, entry = read_moeprune_entry(folder)  # fails early on a folder that is not ours
     resolved_token = _resolve_token(token)
     endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
-    api = HfApi(endpoint=endpoint, token=resolved_token, library_name="hf_moeprune", library_version=__version__)
+    api = HfApi(
+        endpoint=endpoint, token=resolved_token, library_name="hf_moeprune", library_version=__version__
+    )
     retry = {"endpoint": endpoint, "max_retries": max_retries, "retry_wait": retry_wait, "max_wait": max_wait}
 
     readme = folder / "README.md"
@@ -218,16 +235,24 @@ def push_checkpoint(
         license_ = entry.get("license") or resolve_base_license(base_model)
         if license_ is None and _looks_like_hub_repo_id(base_model):
             license_ = _with_retries(
-                lambda: fetch_hub_card_license(base_model, endpoint=endpoint, token=resolved_token, raise_transient=True),
+                lambda: fetch_hub_card_license(
+                    base_model, endpoint=endpoint, token=resolved_token, raise_transient=True
+                ),
                 what=f"read the license of the base model {base_model}",
                 **retry,
             )
         card_text = str(build_model_card(folder, model_name=repo_id, tags=tags, license=license_))
     headers = api._build_hf_headers(token=resolved_token)
-    _with_retries(lambda: _validate_card(card_text, endpoint=endpoint, headers=headers), what="validate the model card", **retry)
+    _with_retries(
+        lambda: _validate_card(card_text, endpoint=endpoint, headers=headers),
+        what="validate the model card",
+        **retry,
+    )
 
     repo_url = _with_retries(
-        lambda: api.create_repo(repo_id, private=private, exist_ok=True), what=f"create the repository {repo_id}", **retry
+        lambda: api.create_repo(repo_id, private=private, exist_ok=True),
+        what=f"create the repository {repo_id}",
+        **retry,
     )
     repo_id = repo_url.repo_id
     if revision is not None and not create_pr and not revision.startswith("refs/"):
@@ -238,13 +263,21 @@ def push_checkpoint(
         )
 
     files = [(name, path) for name, path in _collect_files(folder) if name != "README.md"]
-    kind = "merged" if any(len(g) > 1 for info in (entry.get("layers") or {}).values() for g in info.get("groups") or []) else "pruned"
+    kind = (
+        "merged"
+        if any(len(g) > 1 for info in (entry.get("layers") or {}).values() for g in info.get("groups") or [])
+        else "pruned"
+    )
     message = commit_message or f"Upload {kind} MoE model with hf_moeprune {__version__}"
 
     def commit() -> CommitInfo:
         # Operations are rebuilt per attempt: huggingface_hub marks them as uploaded/committed in place.
-        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in files]
-        operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card_text.encode("utf-8")))
+        operations = [
+            CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in files
+        ]
+        operations.append(
+            CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card_text.encode("utf-8"))
+        )
         return api.create_commit(
             repo_id,
             operations,

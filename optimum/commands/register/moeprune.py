@@ -35,7 +35,9 @@ class MoEPruneCommand(BaseOptimumCLICommand):
         from hf_moeprune.commands import load_commands
 
         modules = load_commands()
-        subparsers = parser.add_subparsers(dest="moeprune_command", metavar="{" + ",".join(m.NAME for m in modules) + "}")
+        subparsers = parser.add_subparsers(
+            dest="moeprune_command", metavar="{" + ",".join(m.NAME for m in modules) + "}"
+        )
         for module in modules:
             sub = subparsers.add_parser(module.NAME, help=module.HELP, description=module.HELP)
             module.add_arguments(sub)
