@@ -1,0 +1,220 @@
+"""Task-specific expert reduction on the trained testbeds: UNCURL vs MC-SMoE vs HC-SMoE vs frequency and random
+pruning vs the unreduced model, and the 32-expert testbed reduced to 8 vs the 8-expert testbed from scratch.
+
+For each calibration domain (default: BBC sport, Shakespeare) and each reduction ratio, every method reduces a
+fresh copy of the 32-expert testbed using calibration text of that domain only; held-out perplexity is then
+measured on that domain and on the others. Wall time and peak extra memory (RSS above the level before the
+method ran, sampled every 5 ms) of each reduction are reported.
+
+    python examples/bench_merging.py --output examples/results_merging.md
+    python examples/bench_merging.py --random-model --ratios 2 --eval-tokens 2048   # smoke run, no testbed
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from hf_moeprune import AutoMoEPruneModelForCausalLM, MoEPruneConfig
+from hf_moeprune.calibration import prepare_calibration
+
+METHODS = {
+    "uncurl": ("merge", {}),
+    "uncurl (anchor router rows)": ("merge", {"router_rows": "anchor"}),
+    "uncurl (no alignment)": ("merge", {"alignment": "none"}),
+    "mc-smoe": ("merge", {}),
+    "hc-smoe": ("merge", {}),
+    "frequency": ("prune", {}),
+    "random": ("prune", {}),
+}
+CALIBRATIONS = {"bbc-sport": ("bbc", "sport"), "shakespeare": ("shakespeare", None)}
+EVALUATIONS = {"bbc-sport": ("bbc", "sport"), "shakespeare": ("shakespeare", None), "bbc-other": ("bbc", "other")}
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class PeakMemory:
+    """Largest RSS above the starting level while the block runs (a 5 ms sampling thread)."""
+
+    def __enter__(self):
+        self.start = rss_bytes()
+        self.peak = self.start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, rss_bytes())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+        self.extra_mb = (self.peak - self.start) / 2**20
+
+
+def documents(domain: str, topic: str | None, split: str):
+    from hf_moeprune.testbed import calibration_documents, heldout_documents
+
+    source = heldout_documents if split == "heldout" else calibration_documents
+    if topic == "other":
+        return [d for d in source(domain) if d.topic != "sport"]
+    return source(domain, topic)
+
+
+def token_blocks(tokenizer, texts: list[str], seq_len: int, max_tokens: int) -> torch.Tensor:
+    ids: list[int] = []
+    for text in texts:
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if len(ids) >= max_tokens:
+            break
+    usable = min(len(ids), max_tokens) // seq_len * seq_len
+    return torch.tensor(ids[:usable]).view(-1, seq_len)
+
+
+@torch.no_grad()
+def perplexity(model, blocks: torch.Tensor, batch_size: int = 8) -> float:
+    total, count = 0.0, 0
+    for start in range(0, blocks.shape[0], batch_size):
+        batch = blocks[start : start + batch_size]
+        logits = model(input_ids=batch).logits[:, :-1].float()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+        total += float(loss)
+        count += batch[:, 1:].numel()
+    return math.exp(total / count)
+
+
+def random_model(experts: int, seed: int = 0):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from hf_moeprune.testbed import testbed_path
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(testbed_path("mixtral-8e"))
+    config = AutoConfig.for_model(
+        "mixtral", hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=experts, num_experts_per_tok=2, vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+    )
+    return AutoModelForCausalLM.from_config(config).eval(), tokenizer
+
+
+def load(name: str, use_random: bool):
+    if use_random:
+        model, tokenizer = random_model(32 if name.endswith("32e") else 8)
+        return AutoMoEPruneModelForCausalLM.from_model(model, tokenizer)
+    from hf_moeprune.testbed import testbed_path
+
+    wrapped = AutoMoEPruneModelForCausalLM.from_pretrained(testbed_path(name), dtype=torch.float32)
+    wrapped.model.eval()
+    return wrapped
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ratios", type=int, nargs="+", default=[2, 4, 8, 16], help="Expert reduction factors.")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--calibrations", nargs="+", default=list(CALIBRATIONS), choices=list(CALIBRATIONS))
+    parser.add_argument("--calibration-tokens", type=int, default=16384)
+    parser.add_argument("--eval-tokens", type=int, default=16384, help="Held-out tokens per evaluation domain.")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--random-model", action="store_true", help="Random tiny Mixtral instead of the testbeds.")
+    parser.add_argument("--output", help="Write the markdown report here (and the raw rows beside it as .json).")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    big = load("mixtral-32e", args.random_model)
+    small = load("mixtral-8e", args.random_model)
+    tokenizer = big.tokenizer
+    evals = {
+        name: token_blocks(tokenizer, [d.text for d in documents(*where, "heldout")], args.seq_len, args.eval_tokens)
+        for name, where in EVALUATIONS.items()
+    }
+    rows = []
+
+    def evaluate(model):
+        return {name: round(perplexity(model, blocks), 3) for name, blocks in evals.items()}
+
+    base_ppl = evaluate(big)
+    small_ppl = evaluate(small)
+    total_experts = big.moe_layers()[0].num_experts
+    for calibration in args.calibrations:
+        domain, topic = CALIBRATIONS[calibration]
+        texts = [d.text for d in documents(domain, topic, "calibration")]
+        data = prepare_calibration(
+            token_blocks(tokenizer, texts, args.seq_len, args.calibration_tokens), seq_len=args.seq_len,
+            max_sequences=None, description=f"testbed calibration split: {calibration}",
+        )
+        rows.append({"calibration": calibration, "method": "unreduced 32e", "experts": total_experts, **base_ppl})
+        rows.append({"calibration": calibration, "method": "8e from scratch", "experts": 8, **small_ppl})
+        for ratio in args.ratios:
+            target = total_experts // ratio
+            for label in args.methods:
+                kind, options = METHODS[label]
+                method = label.split(" ")[0]
+                model = copy.deepcopy(big)
+                config = MoEPruneConfig(method=method, experts_per_layer=target, method_options=options, seed=0)
+                with PeakMemory() as memory:
+                    start = time.perf_counter()
+                    (model.merge_experts if kind == "merge" else model.prune_experts)(config, calibration=data)
+                    seconds = time.perf_counter() - start
+                ppl = evaluate(model)
+                row = {
+                    "calibration": calibration, "method": label, "experts": target, **ppl,
+                    "seconds": round(seconds, 2), "peak_mb": round(memory.extra_mb, 1),
+                }
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                del model
+    report = render(rows, args, argv if argv is not None else sys.argv[1:])
+    print(report)
+    if args.output:
+        Path(args.output).write_text(report)
+        Path(args.output).with_suffix(".json").write_text(json.dumps(rows, indent=1))
+
+
+def render(rows, args, argv) -> str:
+    lines = [
+        "Command: `python examples/bench_merging.py " + " ".join(argv) + "`",
+        "",
+        f"Held-out perplexity ({args.eval_tokens} tokens per domain, sequences of {args.seq_len}); calibration "
+        f"{args.calibration_tokens} tokens of one domain; {args.threads} CPU threads"
+        + (" ; RANDOM tiny model (smoke run)" if args.random_model else "")
+        + ". `s` is the reduction's wall time (calibration pass included), `MB` its peak extra RSS.",
+    ]
+    for calibration in dict.fromkeys(r["calibration"] for r in rows):
+        lines += ["", f"### Calibrated on {calibration}", ""]
+        lines += ["| method | experts/layer | " + " | ".join(f"ppl {n}" for n in EVALUATIONS) + " | s | MB |"]
+        lines += ["|---|---|" + "---|" * len(EVALUATIONS) + "---|---|"]
+        for r in rows:
+            if r["calibration"] != calibration:
+                continue
+            cells = [f"{r[n]:.2f}" for n in EVALUATIONS]
+            lines.append(
+                f"| {r['method']} | {r['experts']} | " + " | ".join(cells)
+                + f" | {r.get('seconds', '')} | {r.get('peak_mb', '')} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
