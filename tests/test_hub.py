@@ -6,6 +6,7 @@ import json
 import logging
 from pathlib import Path
 
+import hub_fixtures
 import pytest
 import torch
 import yaml
@@ -22,7 +23,7 @@ from hf_moeprune.hub import (
 )
 from hf_moeprune.hub.card import GENERATED_MARKER, TEMPLATE_PATH
 
-pytest_plugins = ["hub_fixtures"]  # the local_hub fixture
+local_hub = hub_fixtures.local_hub  # the fixture, shared with other test modules
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FAST_RETRY = {"retry_wait": 0.01, "max_wait": 0.05}
