@@ -37,7 +37,11 @@ METHODS = {
     "random": ("prune", {}),
 }
 CALIBRATIONS = {"bbc-sport": ("bbc", "sport"), "shakespeare": ("shakespeare", None)}
-EVALUATIONS = {"bbc-sport": ("bbc", "sport"), "shakespeare": ("shakespeare", None), "bbc-other": ("bbc", "other")}
+EVALUATIONS = {
+    "bbc-sport": ("bbc", "sport"),
+    "shakespeare": ("shakespeare", None),
+    "bbc-other": ("bbc", "other"),
+}
 
 
 def rss_bytes() -> int:
@@ -95,7 +99,9 @@ def perplexity(model, blocks: torch.Tensor, batch_size: int = 8) -> float:
     for start in range(0, blocks.shape[0], batch_size):
         batch = blocks[start : start + batch_size]
         logits = model(input_ids=batch).logits[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+        )
         total += float(loss)
         count += batch[:, 1:].numel()
     return math.exp(total / count)
@@ -109,8 +115,15 @@ def random_model(experts: int, seed: int = 0):
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(testbed_path("mixtral-8e"))
     config = AutoConfig.for_model(
-        "mixtral", hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, num_local_experts=experts, num_experts_per_tok=2, vocab_size=len(tokenizer),
+        "mixtral",
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=experts,
+        num_experts_per_tok=2,
+        vocab_size=len(tokenizer),
         max_position_embeddings=512,
     )
     return AutoModelForCausalLM.from_config(config).eval(), tokenizer
@@ -129,15 +142,23 @@ def load(name: str, use_random: bool):
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ratios", type=int, nargs="+", default=[2, 4, 8, 16], help="Expert reduction factors.")
+    parser.add_argument(
+        "--ratios", type=int, nargs="+", default=[2, 4, 8, 16], help="Expert reduction factors."
+    )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--calibrations", nargs="+", default=list(CALIBRATIONS), choices=list(CALIBRATIONS))
     parser.add_argument("--calibration-tokens", type=int, default=16384)
-    parser.add_argument("--eval-tokens", type=int, default=16384, help="Held-out tokens per evaluation domain.")
+    parser.add_argument(
+        "--eval-tokens", type=int, default=16384, help="Held-out tokens per evaluation domain."
+    )
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--random-model", action="store_true", help="Random tiny Mixtral instead of the testbeds.")
-    parser.add_argument("--output", help="Write the markdown report here (and the raw rows beside it as .json).")
+    parser.add_argument(
+        "--random-model", action="store_true", help="Random tiny Mixtral instead of the testbeds."
+    )
+    parser.add_argument(
+        "--output", help="Write the markdown report here (and the raw rows beside it as .json)."
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -145,7 +166,9 @@ def main(argv=None) -> None:
     small = load("mixtral-8e", args.random_model)
     tokenizer = big.tokenizer
     evals = {
-        name: token_blocks(tokenizer, [d.text for d in documents(*where, "heldout")], args.seq_len, args.eval_tokens)
+        name: token_blocks(
+            tokenizer, [d.text for d in documents(*where, "heldout")], args.seq_len, args.eval_tokens
+        )
         for name, where in EVALUATIONS.items()
     }
     rows = []
@@ -160,10 +183,14 @@ def main(argv=None) -> None:
         domain, topic = CALIBRATIONS[calibration]
         texts = [d.text for d in documents(domain, topic, "calibration")]
         data = prepare_calibration(
-            token_blocks(tokenizer, texts, args.seq_len, args.calibration_tokens), seq_len=args.seq_len,
-            max_sequences=None, description=f"testbed calibration split: {calibration}",
+            token_blocks(tokenizer, texts, args.seq_len, args.calibration_tokens),
+            seq_len=args.seq_len,
+            max_sequences=None,
+            description=f"testbed calibration split: {calibration}",
         )
-        rows.append({"calibration": calibration, "method": "unreduced 32e", "experts": total_experts, **base_ppl})
+        rows.append(
+            {"calibration": calibration, "method": "unreduced 32e", "experts": total_experts, **base_ppl}
+        )
         rows.append({"calibration": calibration, "method": "8e from scratch", "experts": 8, **small_ppl})
         for ratio in args.ratios:
             target = total_experts // ratio
@@ -171,15 +198,23 @@ def main(argv=None) -> None:
                 kind, options = METHODS[label]
                 method = label.split(" ")[0]
                 model = copy.deepcopy(big)
-                config = MoEPruneConfig(method=method, experts_per_layer=target, method_options=options, seed=0)
+                config = MoEPruneConfig(
+                    method=method, experts_per_layer=target, method_options=options, seed=0
+                )
                 with PeakMemory() as memory:
                     start = time.perf_counter()
-                    (model.merge_experts if kind == "merge" else model.prune_experts)(config, calibration=data)
+                    (model.merge_experts if kind == "merge" else model.prune_experts)(
+                        config, calibration=data
+                    )
                     seconds = time.perf_counter() - start
                 ppl = evaluate(model)
                 row = {
-                    "calibration": calibration, "method": label, "experts": target, **ppl,
-                    "seconds": round(seconds, 2), "peak_mb": round(memory.extra_mb, 1),
+                    "calibration": calibration,
+                    "method": label,
+                    "experts": target,
+                    **ppl,
+                    "seconds": round(seconds, 2),
+                    "peak_mb": round(memory.extra_mb, 1),
                 }
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -209,7 +244,8 @@ def render(rows, args, argv) -> str:
                 continue
             cells = [f"{r[n]:.2f}" for n in EVALUATIONS]
             lines.append(
-                f"| {r['method']} | {r['experts']} | " + " | ".join(cells)
+                f"| {r['method']} | {r['experts']} | "
+                + " | ".join(cells)
                 + f" | {r.get('seconds', '')} | {r.get('peak_mb', '')} |"
             )
     return "\n".join(lines) + "\n"

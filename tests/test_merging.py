@@ -27,17 +27,40 @@ from hf_moeprune.surgery import LayerPlan, apply_layer_plan
 
 TINY = {
     "mixtral": dict(
-        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        num_local_experts=6, num_experts_per_tok=2, vocab_size=96, max_position_embeddings=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=6,
+        num_experts_per_tok=2,
+        vocab_size=96,
+        max_position_embeddings=64,
     ),
     "gpt_oss": dict(
-        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=8, num_local_experts=6, num_experts_per_tok=2, vocab_size=96, max_position_embeddings=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_local_experts=6,
+        num_experts_per_tok=2,
+        vocab_size=96,
+        max_position_embeddings=64,
         layer_types=["full_attention", "full_attention"],
     ),
     "switch_transformers": dict(
-        d_model=32, d_ff=48, d_kv=8, num_heads=4, num_layers=2, num_decoder_layers=2, num_experts=6,
-        encoder_sparse_step=1, decoder_sparse_step=1, vocab_size=96,
+        d_model=32,
+        d_ff=48,
+        d_kv=8,
+        num_heads=4,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_experts=6,
+        encoder_sparse_step=1,
+        decoder_sparse_step=1,
+        vocab_size=96,
     ),
 }
 
@@ -163,7 +186,9 @@ def test_clustering_finds_planted_groups(method):
 @pytest.mark.parametrize("method", ["spectral", "kmeans", "agglomerative"])
 def test_identical_experts_still_give_k_nonempty_groups(method):
     similarity = torch.ones(6, 6, dtype=torch.float64)
-    groups = cluster_experts(similarity, 4, method, frequency=torch.ones(6), features=torch.ones(6, 5), seed=0)
+    groups = cluster_experts(
+        similarity, 4, method, frequency=torch.ones(6), features=torch.ones(6, 5), seed=0
+    )
     assert len(groups) == 4 and all(groups) and sorted(sum(groups, [])) == list(range(6))
 
 
@@ -178,24 +203,37 @@ def _tokens(seed=0, n=8, length=24):
     return torch.randint(0, 96, (n, length), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("method", ["uncurl", "mc-smoe", "hc-smoe"])
-def test_merge_reloads_with_identical_logits_and_a_smaller_file(method, tmp_path):
+def _saved_bytes(folder) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def saved_base(tmp_path_factory):
+    """The tiny Mixtral and the size of its unreduced checkpoint, built once for the round-trip tests."""
     base = build("mixtral")
+    folder = tmp_path_factory.mktemp("base")
+    AutoMoEPruneModelForCausalLM.from_model(copy.deepcopy(base)).save_pretrained(folder)
+    return base, _saved_bytes(folder)
+
+
+@pytest.mark.parametrize("method", ["uncurl", "mc-smoe", "hc-smoe"])
+def test_merge_reloads_with_identical_logits_and_a_smaller_file(method, saved_base, tmp_path):
+    base, base_bytes = saved_base
     wrapped = AutoMoEPruneModelForCausalLM.from_model(copy.deepcopy(base))
-    wrapped.save_pretrained(tmp_path / "base")
     wrapped.merge_experts(MoEPruneConfig(method=method, experts_per_layer=3), calibration=_tokens())
     wrapped.save_pretrained(tmp_path / "merged")
     reloaded = AutoMoEPruneModelForCausalLM.from_pretrained(tmp_path / "merged")
     probe = _tokens(seed=1, n=2)
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(input_ids=probe).logits, wrapped(input_ids=probe).logits, atol=0, rtol=0)
+        torch.testing.assert_close(
+            reloaded(input_ids=probe).logits, wrapped(input_ids=probe).logits, atol=0, rtol=0
+        )
     assert [s["num_experts"] for s in reloaded.summary()] == [3, 3]
     layer = first_layer(base)
     per_expert = sum(t[0].numel() * t.element_size() for t in layer.expert_tensors().values())
     per_expert += layer.router_tensors()["weight"][0].numel() * 4
-    saved = lambda d: sum(f.stat().st_size for f in d.glob("*.safetensors"))  # noqa: E731
-    removed = 2 * 3 * per_expert
-    assert abs((saved(tmp_path / "base") - saved(tmp_path / "merged")) - removed) < 0.05 * removed
+    removed = 2 * 3 * per_expert  # 2 layers, 6 -> 3 experts
+    assert abs((base_bytes - _saved_bytes(tmp_path / "merged")) - removed) < 0.05 * removed
 
 
 @torch.no_grad()
@@ -230,14 +268,20 @@ def test_adaptive_merge_saves_a_non_uniform_checkpoint_that_reloads(tmp_path):
     reloaded = AutoMoEPruneModelForCausalLM.from_pretrained(tmp_path / "adaptive")
     probe = _tokens(seed=1, n=2)
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(input_ids=probe).logits, wrapped(input_ids=probe).logits, atol=0, rtol=0)
+        torch.testing.assert_close(
+            reloaded(input_ids=probe).logits, wrapped(input_ids=probe).logits, atol=0, rtol=0
+        )
 
 
 def test_bad_options_fail_before_calibration():
     wrapped = AutoMoEPruneModelForCausalLM.from_model(build("mixtral"))
     with pytest.raises(ValueError, match="Unknown option"):
-        wrapped.merge_experts(MoEPruneConfig(method="uncurl", experts_per_layer=3, method_options={"bogus": 1}))
+        wrapped.merge_experts(
+            MoEPruneConfig(method="uncurl", experts_per_layer=3, method_options={"bogus": 1})
+        )
     with pytest.raises(ValueError, match="clustering"):
-        wrapped.merge_experts(MoEPruneConfig(method="uncurl", experts_per_layer=3, method_options={"clustering": "x"}))
+        wrapped.merge_experts(
+            MoEPruneConfig(method="uncurl", experts_per_layer=3, method_options={"clustering": "x"})
+        )
     with pytest.raises(ValueError, match="top-k"):
         wrapped.merge_experts(MoEPruneConfig(method="uncurl", experts_per_layer=1))

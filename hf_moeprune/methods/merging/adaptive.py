@@ -19,7 +19,9 @@ import numpy as np
 import torch
 
 
-def redundancy_counts(similarities: dict[str, torch.Tensor], budget: int, floors: dict[str, int]) -> dict[str, int]:
+def redundancy_counts(
+    similarities: dict[str, torch.Tensor], budget: int, floors: dict[str, int]
+) -> dict[str, int]:
     from scipy.cluster.hierarchy import linkage
     from scipy.spatial.distance import squareform
 
@@ -45,7 +47,9 @@ def redundancy_counts(similarities: dict[str, torch.Tensor], budget: int, floors
     return counts
 
 
-def frequency_counts(frequencies: dict[str, torch.Tensor], budget: int, floors: dict[str, int]) -> dict[str, int]:
+def frequency_counts(
+    frequencies: dict[str, torch.Tensor], budget: int, floors: dict[str, int]
+) -> dict[str, int]:
     order = list(frequencies)
     counts = {path: floors[path] for path in order}
     remaining = budget - sum(counts.values())

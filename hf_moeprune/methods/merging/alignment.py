@@ -50,7 +50,9 @@ def num_units(layer: MoELayer) -> int:
     """Hidden units per expert, read off the first tensor that has a unit axis."""
     specs = _unit_specs(layer)
     if not specs:
-        raise ValueError(f"{layer.path}: the family spec {layer.spec.name!r} names no tensor with a unit axis.")
+        raise ValueError(
+            f"{layer.path}: the family spec {layer.spec.name!r} names no tensor with a unit axis."
+        )
     first = specs[0]
     return expert_parameter(layer, first, 0).shape[first.unit_axis] // _units_per_index(first.unit_layout)
 
@@ -117,7 +119,9 @@ def unit_activation_features(layer: MoELayer, expert: int, inputs: torch.Tensor)
         pre = weight.to(x.device) @ x.T  # [U, N]: the unit axis first, the input axis left over
         parts.append(_split_units(pre, tensor.unit_layout, units))
     if not parts:
-        raise ValueError(f"{layer.path}: no tensor fed by the layer input has a unit axis; use alignment='weights'.")
+        raise ValueError(
+            f"{layer.path}: no tensor fed by the layer input has a unit axis; use alignment='weights'."
+        )
     features = torch.cat(parts, dim=1)
     features = features - features.mean(1, keepdim=True)
     return features / features.norm(dim=1, keepdim=True).clamp(min=1e-8)
@@ -153,7 +157,11 @@ def alignment_score(
     """
     units, width = anchor.shape
     if sketch_dim == "auto":
-        sketch_dim = DEFAULT_SKETCH_DIM if units * units * width > SKETCH_AUTO_FLOPS and width > DEFAULT_SKETCH_DIM else None
+        sketch_dim = (
+            DEFAULT_SKETCH_DIM
+            if units * units * width > SKETCH_AUTO_FLOPS and width > DEFAULT_SKETCH_DIM
+            else None
+        )
     if sketch_dim is not None and int(sketch_dim) < width:
         anchor = count_sketch(anchor, int(sketch_dim), seed)
         member = count_sketch(member, int(sketch_dim), seed)
@@ -246,8 +254,12 @@ def align_groups(
             after = float(score[np.arange(len(perm)), perm].sum())
             reports.append(
                 AlignmentReport(
-                    anchor=int(group[0]), member=int(member), score_before=diagonal, score_after=after,
-                    moved_units=int((perm != np.arange(len(perm))).sum()), seconds=time.perf_counter() - start,
+                    anchor=int(group[0]),
+                    member=int(member),
+                    score_before=diagonal,
+                    score_after=after,
+                    moved_units=int((perm != np.arange(len(perm))).sum()),
+                    seconds=time.perf_counter() - start,
                 )
             )
     return reports

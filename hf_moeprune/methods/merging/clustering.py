@@ -76,13 +76,17 @@ def cluster_experts(
         from sklearn.cluster import AgglomerativeClustering
 
         if features is not None:
-            labels = AgglomerativeClustering(n_clusters=k, linkage=linkage).fit_predict(features.double().numpy())
+            labels = AgglomerativeClustering(n_clusters=k, linkage=linkage).fit_predict(
+                features.double().numpy()
+            )
         else:
             if linkage == "ward":
                 raise ValueError("Ward linkage needs expert features, not a similarity.")
             distance = np.clip(1.0 - sim, 0.0, None)
             np.fill_diagonal(distance, 0.0)
-            labels = AgglomerativeClustering(n_clusters=k, metric="precomputed", linkage=linkage).fit_predict(distance)
+            labels = AgglomerativeClustering(n_clusters=k, metric="precomputed", linkage=linkage).fit_predict(
+                distance
+            )
     else:
         raise ValueError(f"Unknown clustering {method!r}: use one of {', '.join(CLUSTERINGS)}.")
     groups = _groups_from_labels(np.asarray(labels), freq)

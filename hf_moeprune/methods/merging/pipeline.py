@@ -71,10 +71,14 @@ class ClusterMergeMethod(ExpertMethod):
         options = self.options
         for key, choices in OPTION_CHOICES.items():
             if options[key] not in choices:
-                raise ValueError(f"method_options[{key!r}]={options[key]!r}; use one of {', '.join(choices)}.")
+                raise ValueError(
+                    f"method_options[{key!r}]={options[key]!r}; use one of {', '.join(choices)}."
+                )
         sketch = options["alignment_sketch"]
         if not (sketch in ("auto", None) or (isinstance(sketch, int) and sketch > 0)):
-            raise ValueError(f"method_options['alignment_sketch'] must be 'auto', None or a positive int, got {sketch!r}.")
+            raise ValueError(
+                f"method_options['alignment_sketch'] must be 'auto', None or a positive int, got {sketch!r}."
+            )
         if not (isinstance(options["alignment_tokens"], int) and options["alignment_tokens"] > 0):
             raise ValueError("method_options['alignment_tokens'] must be a positive int.")
         if self.config.adaptive:
@@ -90,7 +94,9 @@ class ClusterMergeMethod(ExpertMethod):
         floors = {layer.path: effective_top_k(layer, config) for layer in layers}
         if self.options["adaptive_by"] == "frequency":
             stats = context.statistics()
-            return frequency_counts({layer.path: stats[layer.path].counts for layer in layers}, budget, floors)
+            return frequency_counts(
+                {layer.path: stats[layer.path].counts for layer in layers}, budget, floors
+            )
         return redundancy_counts(similarities, budget, floors)
 
     def merge_weights(self, stats, group: list[int]) -> list[float]:
@@ -105,9 +111,16 @@ class ClusterMergeMethod(ExpertMethod):
     def run(self, context: MethodContext) -> MethodResult:
         options = self.options
         statistics = context.statistics()
-        similarities = {layer.path: expert_similarity(statistics[layer.path], options["similarity"]) for layer in context.layers}
+        similarities = {
+            layer.path: expert_similarity(statistics[layer.path], options["similarity"])
+            for layer in context.layers
+        }
         counts = self.target_counts(context, similarities)
-        inputs = _sample_layer_inputs(context, options["alignment_tokens"]) if options["alignment"] == "activations" else {}
+        inputs = (
+            _sample_layer_inputs(context, options["alignment_tokens"])
+            if options["alignment"] == "activations"
+            else {}
+        )
         plan = ReductionPlan(top_k=self.config.top_k)
         details: dict[str, Any] = {"options": dict(options), "layers": {}}
         align_seconds = 0.0
@@ -119,7 +132,9 @@ class ClusterMergeMethod(ExpertMethod):
                 options["clustering"] == "agglomerative" and options["cluster_on"] == "features"
             )
             groups = cluster_experts(
-                similarities[layer.path], count, options["clustering"],
+                similarities[layer.path],
+                count,
+                options["clustering"],
                 frequency=stats.counts,
                 features=expert_features(stats, options["similarity"]) if use_features else None,
                 linkage=options["linkage"],
@@ -129,8 +144,13 @@ class ClusterMergeMethod(ExpertMethod):
             if options["alignment"] != "none":
                 start = time.perf_counter()
                 reports = align_groups(
-                    layer, groups, mode=options["alignment"], inputs=inputs.get(layer.path),
-                    sketch_dim=options["alignment_sketch"], solver=options["alignment_solver"], seed=self.config.seed,
+                    layer,
+                    groups,
+                    mode=options["alignment"],
+                    inputs=inputs.get(layer.path),
+                    sketch_dim=options["alignment_sketch"],
+                    solver=options["alignment_solver"],
+                    seed=self.config.seed,
                 )
                 align_seconds += time.perf_counter() - start
                 if reports:
