@@ -16,7 +16,10 @@ from .modeling import (  # noqa: E402
     AutoMoEPruneModelForSeq2SeqLM,
     MoEPruneModel,
 )
+from .models import register_models  # noqa: E402
 from .surgery import LayerPlan, ReductionPlan  # noqa: E402
+
+register_models()
 
 __all__ = [
     "AutoMoEPruneModelForCausalLM",

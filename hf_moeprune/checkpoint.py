@@ -98,12 +98,16 @@ def save_checkpoint(
         record.pop("layout", None)
     else:
         record["layout"] = {layer.path: layer_layout(layer) for layer in layers}
-    base_class = type(model)
-    source, wrapper_name = remote_code_source(_transformers_base(base_class), task)
+    base_class = _transformers_base(type(model))
+    # Remote code can only rebuild classes that transformers itself ships; others (our native Arctic) load
+    # through hf_moeprune, which registers them with the Auto classes.
+    portable = base_class is not None
+    if portable:
+        source, wrapper_name = remote_code_source(base_class, task)
 
     def write(folder: Path) -> None:
         setattr(config, RECORD_KEY, record)
-        if not record["uniform"]:
+        if not record["uniform"] and portable:
             config.auto_map = {AUTO_CLASS_BY_TASK[task]: f"{REMOTE_CODE_FILE[:-3]}.{wrapper_name}"}
         try:
             model.save_pretrained(folder, **save_kwargs)
@@ -112,7 +116,7 @@ def save_checkpoint(
                 del config.auto_map
             elif previous_auto_map is not None:
                 config.auto_map = previous_auto_map
-        if not record["uniform"]:
+        if not record["uniform"] and portable:
             (folder / REMOTE_CODE_FILE).write_text(source)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
@@ -122,11 +126,12 @@ def save_checkpoint(
     return atomic_directory(output_dir, write)
 
 
-def _transformers_base(model_class: type) -> type:
-    """The first class in the MRO that transformers exports (our per-layer subclass is never saved as such)."""
+def _transformers_base(model_class: type) -> type | None:
+    """The first class in the MRO that transformers exports as a model with a head, else None."""
     import transformers
 
     for cls in model_class.__mro__:
-        if getattr(transformers, cls.__name__, None) is cls:
+        exported = getattr(transformers, cls.__name__, None) is cls
+        if exported and issubclass(cls, transformers.PreTrainedModel) and cls is not transformers.PreTrainedModel:
             return cls
-    return model_class
+    return None

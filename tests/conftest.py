@@ -29,6 +29,7 @@ TINY_CONFIGS: dict[str, dict] = {
         kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
     ),
     "gpt_oss": dict(_DECODER, num_local_experts=6, layer_types=["full_attention", "full_attention"]),
+    "arctic": dict(_DECODER, num_local_experts=6, moe_layer_frequency=1, parallel_attn_mlp_res=True),
     "switch_transformers": dict(
         vocab_size=VOCAB, d_model=64, d_ff=48, d_kv=16, num_heads=4, num_layers=2, num_decoder_layers=2,
         num_experts=6, encoder_sparse_step=1, decoder_sparse_step=1, eos_token_id=1, pad_token_id=0,
