@@ -13,6 +13,7 @@ from .data import (
     load_bbc,
     load_corpus,
     load_shakespeare,
+    read_documents,
     split_documents,
     split_of,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "load_bbc",
     "load_corpus",
     "load_shakespeare",
+    "read_documents",
     "split_documents",
     "split_of",
     "testbed_path",

