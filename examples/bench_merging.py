@@ -31,6 +31,7 @@ METHODS = {
     "uncurl": ("merge", {}),
     "uncurl (anchor router rows)": ("merge", {"router_rows": "anchor"}),
     "uncurl (no alignment)": ("merge", {"alignment": "none"}),
+    "uncurl (adaptive)": ("merge", {}),
     "mc-smoe": ("merge", {}),
     "hc-smoe": ("merge", {}),
     "frequency": ("prune", {}),
@@ -198,9 +199,11 @@ def main(argv=None) -> None:
                 kind, options = METHODS[label]
                 method = label.split(" ")[0]
                 model = copy.deepcopy(big)
-                config = MoEPruneConfig(
-                    method=method, experts_per_layer=target, method_options=options, seed=0
-                )
+                if "adaptive" in label:
+                    target_kwargs = {"num_experts_total": target * len(big.moe_layers()), "adaptive": True}
+                else:
+                    target_kwargs = {"experts_per_layer": target}
+                config = MoEPruneConfig(method=method, method_options=options, seed=0, **target_kwargs)
                 with PeakMemory() as memory:
                     start = time.perf_counter()
                     (model.merge_experts if kind == "merge" else model.prune_experts)(
@@ -213,6 +216,7 @@ def main(argv=None) -> None:
                     "method": label,
                     "experts": target,
                     **ppl,
+                    "counts": [layer.num_experts for layer in model.moe_layers()],
                     "seconds": round(seconds, 2),
                     "peak_mb": round(memory.extra_mb, 1),
                 }
@@ -243,8 +247,10 @@ def render(rows, args, argv) -> str:
             if r["calibration"] != calibration:
                 continue
             cells = [f"{r[n]:.2f}" for n in EVALUATIONS]
+            counts = r.get("counts")
+            experts = "/".join(map(str, counts)) if counts and len(set(counts)) > 1 else r["experts"]
             lines.append(
-                f"| {r['method']} | {r['experts']} | "
+                f"| {r['method']} | {experts} | "
                 + " | ".join(cells)
                 + f" | {r.get('seconds', '')} | {r.get('peak_mb', '')} |"
             )
