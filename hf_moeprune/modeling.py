@@ -18,11 +18,12 @@ from torch import nn
 from .calibration import prepare_calibration
 from .checkpoint import save_checkpoint
 from .config import MoEPruneConfig
-from .families import FamilySpec, family_for_model_type
+from .families import FamilySpec, family_for_model
+from .families.registry import registered_families_by_type
 from .methods import MethodContext, get_method
 from .moe_layers import MoELayer, find_moe_layers
 from .records import RECORD_KEY, compose_layer, count_parameters, initial_record, is_uniform
-from .surgery import apply_plan
+from .surgery import ReductionPlan, apply_plan
 
 
 class MoEPruneModel(nn.Module):
@@ -37,7 +38,7 @@ class MoEPruneModel(nn.Module):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
-        self.spec: FamilySpec = family_for_model_type(model.config.model_type)
+        self.spec: FamilySpec = family_for_model(model)
         existing = getattr(model.config, RECORD_KEY, None)
         self.record: dict[str, Any] = (
             copy.deepcopy(existing)
@@ -103,11 +104,7 @@ class MoEPruneModel(nn.Module):
         context = MethodContext(model=self.model, layers=layers, spec=self.spec, config=config, calibration=data)
         result = method.run(context)
         if result.plan is not None:
-            apply_plan(layers, result.plan)
-            for path, layer_plan in result.plan.layers.items():
-                layer = next(item for item in layers if item.path == path)
-                self.record["layers"][path] = compose_layer(self.record["layers"][path], layer_plan, layer.top_k)
-            self._sync_config_counts(result.plan.top_k)
+            self.apply_plan(result.plan, layers)
         after = method.after_surgery(context)
         if after:
             result.weight_sparsity = {**(result.weight_sparsity or {}), **after}
@@ -127,6 +124,17 @@ class MoEPruneModel(nn.Module):
         self.record["uniform"] = is_uniform(self.record)
         setattr(self.model.config, RECORD_KEY, copy.deepcopy(self.record))
         return self
+
+    def apply_plan(self, plan: ReductionPlan, layers: list[MoELayer] | None = None) -> None:
+        """Apply a hand-made or method-made plan and keep the record and config counts in step with it."""
+        layers = layers if layers is not None else self.moe_layers()
+        apply_plan(layers, plan)
+        for path, layer_plan in plan.layers.items():
+            layer = next(item for item in layers if item.path == path)
+            self.record["layers"][path] = compose_layer(self.record["layers"][path], layer_plan, layer.top_k)
+        self._sync_config_counts(plan.top_k)
+        self.record["uniform"] = is_uniform(self.record)
+        setattr(self.model.config, RECORD_KEY, copy.deepcopy(self.record))
 
     def _sync_config_counts(self, top_k: int | None) -> None:
         counts = [entry["num_experts"] for entry in self.record["layers"].values()]
@@ -208,8 +216,8 @@ class _AutoMoEPruneModel:
 
         tokenizer_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir") if k in kwargs}
         config = kwargs.pop("config", None) or AutoConfig.from_pretrained(pretrained_model_name_or_path, **tokenizer_kwargs)
-        spec = family_for_model_type(config.model_type)
-        if spec.task != cls.task:
+        spec = registered_families_by_type().get(config.model_type)
+        if spec is not None and spec.task != cls.task:
             raise ValueError(f"{config.model_type!r} is a {spec.task} family; use the matching AutoMoEPrune class.")
         model_class = cls._model_class(config)
         model = model_class.from_pretrained(pretrained_model_name_or_path, config=config, **kwargs)

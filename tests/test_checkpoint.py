@@ -38,16 +38,12 @@ def test_frequency_prune_saves_family_checkpoint_with_record(tmp_path, input_ids
 
 
 def _make_non_uniform(model):
-    from hf_moeprune.surgery import LayerPlan, ReductionPlan, apply_plan
-    from hf_moeprune.records import compose_layer
+    from hf_moeprune.surgery import LayerPlan, ReductionPlan
 
     layers = model.moe_layers()
     plans = {layers[0].path: LayerPlan.keep([0, 2, 5]), layers[1].path: LayerPlan(groups=[[0, 1], [2, 3], [4], [5]])}
-    apply_plan(layers, ReductionPlan(plans))
-    for layer in layers:
-        model.record["layers"][layer.path] = compose_layer(model.record["layers"][layer.path], plans[layer.path], 2)
-    model.record["uniform"] = False
-    model._sync_config_counts(None)
+    model.apply_plan(ReductionPlan(plans))
+    assert model.record["uniform"] is False
 
 
 def test_non_uniform_loads_through_auto_class_and_remote_code(tmp_path, input_ids):

@@ -30,13 +30,7 @@ def test_removing_unselectable_experts_keeps_logits(family, tmp_path):
     make_unselectable(model, layers, REMOVED, input_ids)
     before = logits_of(model, input_ids)
 
-    plan = ReductionPlan({layer.path: LayerPlan.keep(KEPT) for layer in layers})
-    apply_plan(layers, plan)
-    wrapped.record["layers"] = {
-        path: {**entry, "num_experts": len(KEPT), "groups": [[k] for k in KEPT], "merge_weights": [[1.0]] * len(KEPT)}
-        for path, entry in wrapped.record["layers"].items()
-    }
-    wrapped._sync_config_counts(None)
+    wrapped.apply_plan(ReductionPlan({layer.path: LayerPlan.keep(KEPT) for layer in layers}))
     after = logits_of(model, input_ids)
     assert all(layer.num_experts == len(KEPT) for layer in find_moe_layers(model, wrapped.spec))
     torch.testing.assert_close(after, before, atol=2e-5, rtol=0)
@@ -71,3 +65,25 @@ def test_merge_weights_average_expert_tensors_and_router_rows():
     torch.testing.assert_close(layer.router_tensors()["weight"][0], 0.75 * router[0] + 0.25 * router[1])
     torch.testing.assert_close(layer.expert_tensors()["down_proj"][1], experts["down_proj"][2])
     assert layer.experts.num_experts == 5 and layer.router.num_experts == 5
+
+
+def test_generic_fallback_recognises_an_unlisted_family(tmp_path):
+    """granitemoe has no spec; the router + fused-experts pattern is inferred and pruning round-trips."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model("granitemoe", vocab_size=VOCAB, hidden_size=64, intermediate_size=48,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  num_local_experts=6, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    wrapped = AutoMoEPruneModelForCausalLM.from_model(model)
+    assert wrapped.spec.name == "generic:granitemoe"
+    layers = wrapped.moe_layers()
+    assert [layer.path for layer in layers] == ["model.layers.0.block_sparse_moe", "model.layers.1.block_sparse_moe"]
+    input_ids = torch.randint(4, VOCAB, (1, 16), generator=torch.Generator().manual_seed(1))
+    make_unselectable(model, layers, REMOVED, input_ids)
+    before = logits_of(model, input_ids)
+    wrapped.apply_plan(ReductionPlan({layer.path: LayerPlan.keep(KEPT) for layer in layers}))
+    torch.testing.assert_close(logits_of(model, input_ids), before, atol=2e-5, rtol=0)
+    reloaded = AutoModelForCausalLM.from_pretrained(wrapped.save_pretrained(tmp_path / "g")).eval()
+    torch.testing.assert_close(logits_of(reloaded, input_ids), logits_of(model, input_ids), atol=1e-6, rtol=0)

