@@ -52,7 +52,8 @@ def main() -> None:
         collected.append(time.perf_counter() - start)
     plain_s, collected_s = statistics.median(plain), statistics.median(collected)
     tokens = args.batches * args.batch_size * args.seq_len
-    print(f"model: {args.model or 'Mixtral-like, hidden 256, 4 layers, %d experts' % args.experts}; {tokens} tokens, "
+    name = args.model or f"Mixtral-like, hidden 256, 4 layers, {args.experts} experts"
+    print(f"model: {name}; {tokens} tokens, "
           f"{torch.get_num_threads()} threads, experts implementation {model.config._experts_implementation}")
     print(f"plain forward:     {plain_s:.3f} s (median of {args.repeats})")
     print(f"statistics pass:   {collected_s:.3f} s (median of {args.repeats})")

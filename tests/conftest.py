@@ -77,9 +77,11 @@ def make_unselectable(model: torch.nn.Module, layers: list[MoELayer], remove: li
     """
     for layer in layers:
         captured: list[torch.Tensor] = []
-        handle = layer.router.register_forward_pre_hook(
-            lambda module, args: captured.append(args[0].reshape(-1, args[0].shape[-1]).detach().float())
-        )
+
+        def capture(module, args, captured=captured):
+            captured.append(args[0].reshape(-1, args[0].shape[-1]).detach().float())
+
+        handle = layer.router.register_forward_pre_hook(capture)
         logits_of(model, input_ids)
         handle.remove()
         inputs = torch.cat(captured)

@@ -74,9 +74,10 @@ def default_calibration() -> list[str]:
 
 
 def run_recipe(args: argparse.Namespace, merge: bool) -> int:
-    from ..modeling import AutoMoEPruneModelForCausalLM, AutoMoEPruneModelForSeq2SeqLM
-    from ..families import family_for_model_type
     from transformers import AutoConfig
+
+    from ..families import family_for_model_type
+    from ..modeling import AutoMoEPruneModelForCausalLM, AutoMoEPruneModelForSeq2SeqLM
 
     model_path = args.model or default_model()
     config = recipe_from_args(args)
