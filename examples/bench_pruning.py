@@ -93,7 +93,9 @@ def cloze_accuracy(model, tokenizer, texts: list[str], items: int = 40, choices:
             ids = torch.tensor([ctx + opt])
             logp = model(input_ids=ids, use_cache=False).logits[0, :-1].float().log_softmax(-1)
             target = ids[0, 1:]
-            scores.append(float(logp[torch.arange(len(ctx) - 1, ids.shape[1] - 1), target[len(ctx) - 1 :]].sum()))
+            scores.append(
+                float(logp[torch.arange(len(ctx) - 1, ids.shape[1] - 1), target[len(ctx) - 1 :]].sum())
+            )
         correct += int(max(range(choices), key=scores.__getitem__) == 0)
         total += 1
     return correct / max(total, 1)
@@ -109,9 +111,17 @@ def _tiny_random_mixtral(folder: Path) -> Path:
     tokenizer_dir = REPO / "hf_moeprune/testbed/checkpoints/mixtral-8e"
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = AutoConfig.for_model(
-        "mixtral", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
-        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
+        "mixtral",
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
     )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
@@ -186,7 +196,10 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         wrapped = AutoMoEPruneModelForCausalLM.from_pretrained(spec["model"], experts_implementation="eager")
         model, tokenizer = wrapped.model, wrapped.tokenizer
     calibration = prepare_calibration(
-        _texts("calibration"), tokenizer, seq_len=spec["seq_len"], batch_size=spec["batch_size"],
+        _texts("calibration"),
+        tokenizer,
+        seq_len=spec["seq_len"],
+        batch_size=spec["batch_size"],
         max_sequences=spec["calib_sequences"],
     )
     start = time.perf_counter()
@@ -197,7 +210,8 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
             elif spec.get("dense"):
                 cfg = spec["config"]
                 report = unstructured_prune_(
-                    model, calibration.batches,
+                    model,
+                    calibration.batches,
                     UnstructuredOptions(cfg["weight_sparsity"], cfg["method"], targets=("all_linear",)),
                 )
                 passes = report.forward_passes
@@ -209,8 +223,11 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         result.update(status="refused", error=str(error).split(".")[0])
         return result
     result.update(
-        status="ok", seconds=round(time.perf_counter() - start, 2), forward_passes=passes,
-        peak_rss_mb=round(memory.peak / 2**20), rss_increase_mb=round((memory.peak - memory.start) / 2**20),
+        status="ok",
+        seconds=round(time.perf_counter() - start, 2),
+        forward_passes=passes,
+        peak_rss_mb=round(memory.peak / 2**20),
+        rss_increase_mb=round((memory.peak - memory.start) / 2**20),
     )
     if not spec.get("dense"):
         result["experts"] = [layer["num_experts"] for layer in wrapped.record["layers"].values()]
@@ -230,7 +247,9 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     ppl = {}
     tokens_total, log_total = 0, 0.0
     for domain in _domains():
-        value, count = perplexity(model, tokenizer, _texts("heldout", domain), spec["seq_len"], spec["eval_tokens"])
+        value, count = perplexity(
+            model, tokenizer, _texts("heldout", domain), spec["seq_len"], spec["eval_tokens"]
+        )
         ppl[domain] = round(value, 3)
         tokens_total += count
         log_total += math.log(value) * count
@@ -249,19 +268,24 @@ def sparse_suite(totals=(0.40, 0.65), stun_expert_shares=(0.25,)) -> list[dict[s
     for total in totals:
         for share in stun_expert_shares:
             w = 1 - (1 - total) / (1 - share)
-            runs.append(dict(
-                name=f"stun e={share:.2f}+owl w={w:.3f} (total {total:.0%})",
-                config=dict(method="stun", expert_sparsity=share, weight_sparsity=w, unstructured="owl"),
-            ))
+            runs.append(
+                dict(
+                    name=f"stun e={share:.2f}+owl w={w:.3f} (total {total:.0%})",
+                    config=dict(method="stun", expert_sparsity=share, weight_sparsity=w, unstructured="owl"),
+                )
+            )
         for method in ("owl", "wanda"):
             runs.append(dict(name=f"{method} {total:.0%}", config=dict(method=method, weight_sparsity=total)))
     return runs
 
 
-def experts_suite(shares=(0.25, 0.5), methods=("stun", "reap", "frequency", "naee", "random")) -> list[dict[str, Any]]:
+def experts_suite(
+    shares=(0.25, 0.5), methods=("stun", "reap", "frequency", "naee", "random")
+) -> list[dict[str, Any]]:
     return [
         dict(name=f"{method} {share:.0%} experts", config=dict(method=method, expert_sparsity=share))
-        for share in shares for method in methods
+        for share in shares
+        for method in methods
     ]
 
 
@@ -269,7 +293,13 @@ def dense_suite(sparsities=(0.5, 0.7)) -> list[dict[str, Any]]:
     runs = [dict(name="SmolLM2 dense", config=None, dense=True)]
     for s in sparsities:
         for method in ("wanda", "owl"):
-            runs.append(dict(name=f"SmolLM2 {method} {s:.0%}", config=dict(method=method, weight_sparsity=s), dense=True))
+            runs.append(
+                dict(
+                    name=f"SmolLM2 {method} {s:.0%}",
+                    config=dict(method=method, weight_sparsity=s),
+                    dense=True,
+                )
+            )
     return runs
 
 
@@ -277,28 +307,57 @@ def dense_suite(sparsities=(0.5, 0.7)) -> list[dict[str, Any]]:
 
 
 def table(results: list[dict[str, Any]], domains: tuple[str, ...]) -> str:
-    head = ["run", "experts kept", "expert-param sparsity", "ppl overall", *[f"ppl {d}" for d in domains],
-            "cloze acc", "forward passes", "wall s", "peak RSS MB"]
+    head = [
+        "run",
+        "experts kept",
+        "expert-param sparsity",
+        "ppl overall",
+        *[f"ppl {d}" for d in domains],
+        "cloze acc",
+        "forward passes",
+        "wall s",
+        "peak RSS MB",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         if r.get("status") != "ok":
-            lines.append(f"| {r['name']} | {r.get('status')}: {r.get('error', '')} |" + " |" * (len(head) - 2))
+            lines.append(
+                f"| {r['name']} | {r.get('status')}: {r.get('error', '')} |" + " |" * (len(head) - 2)
+            )
             continue
         ppl = r["perplexity"]
-        lines.append("| " + " | ".join(str(x) for x in [
-            r["name"], sum(r["experts"]) if "experts" in r else "-",
-            f"{r['expert_param_sparsity']:.3f}" if "expert_param_sparsity" in r else f"{r['zero_share']:.3f}",
-            ppl["overall"], *[ppl[d] for d in domains], r.get("cloze_accuracy", "-"),
-            r["forward_passes"], r["seconds"], r["peak_rss_mb"],
-        ]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                str(x)
+                for x in [
+                    r["name"],
+                    sum(r["experts"]) if "experts" in r else "-",
+                    f"{r['expert_param_sparsity']:.3f}"
+                    if "expert_param_sparsity" in r
+                    else f"{r['zero_share']:.3f}",
+                    ppl["overall"],
+                    *[ppl[d] for d in domains],
+                    r.get("cloze_accuracy", "-"),
+                    r["forward_passes"],
+                    r["seconds"],
+                    r["peak_rss_mb"],
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", action="append", help="MoE checkpoint folder(s); default: the 8e testbed")
     parser.add_argument("--random-tiny", action="store_true", help="a random tiny Mixtral (smoke run)")
-    parser.add_argument("--suites", nargs="+", default=["sparse", "experts"], choices=["sparse", "experts", "dense"])
+    parser.add_argument(
+        "--suites", nargs="+", default=["sparse", "experts"], choices=["sparse", "experts", "dense"]
+    )
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--calib-sequences", type=int, default=32)
@@ -314,8 +373,13 @@ def main(argv: list[str] | None = None) -> None:
     models = args.model or [str(REPO / "hf_moeprune/testbed/checkpoints/mixtral-8e")]
     if args.random_tiny:
         models = [str(_tiny_random_mixtral(Path("/tmp/bench_pruning_tiny")))]
-    common = dict(seq_len=args.seq_len, batch_size=args.batch_size, calib_sequences=args.calib_sequences,
-                  eval_tokens=args.eval_tokens, threads=args.threads)
+    common = dict(
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        calib_sequences=args.calib_sequences,
+        eval_tokens=args.eval_tokens,
+        threads=args.threads,
+    )
     jobs: list[tuple[str, dict[str, Any]]] = []
     for model in models if {"sparse", "experts"} & set(args.suites) else []:
         label = Path(model).name
@@ -330,11 +394,17 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, list[dict[str, Any]]] = {}
     for label, spec in jobs:
         out = subprocess.run(
-            [sys.executable, __file__, "--run-one", json.dumps(spec)], capture_output=True, text=True,
+            [sys.executable, __file__, "--run-one", json.dumps(spec)],
+            capture_output=True,
+            text=True,
             env={**os.environ, "TQDM_DISABLE": "1"},
         )
         line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
-        result = json.loads(line[7:]) if line else {"name": spec["name"], "status": "failed", "error": out.stderr[-300:]}
+        result = (
+            json.loads(line[7:])
+            if line
+            else {"name": spec["name"], "status": "failed", "error": out.stderr[-300:]}
+        )
         results.setdefault(label, []).append(result)
         print(json.dumps(result), flush=True)
 
@@ -350,7 +420,9 @@ def main(argv: list[str] | None = None) -> None:
     for label, rows in results.items():
         parts.append(f"\n## {label}\n\n{table(rows, _domains())}\n")
     Path(args.output).write_text("\n".join(parts))
-    Path(args.output).with_suffix(".json").write_text(json.dumps({"command": command, "results": results}, indent=1))
+    Path(args.output).with_suffix(".json").write_text(
+        json.dumps({"command": command, "results": results}, indent=1)
+    )
 
 
 if __name__ == "__main__":

@@ -39,7 +39,9 @@ def test_naee_finds_the_redundant_expert():
 
 
 def test_naee_refuses_huge_searches_before_calibration():
-    wrapped = AutoMoEPruneModelForCausalLM.from_model(build_tiny_model("mixtral", num_local_experts=32, hidden_size=32))
+    wrapped = AutoMoEPruneModelForCausalLM.from_model(
+        build_tiny_model("mixtral", num_local_experts=32, hidden_size=32)
+    )
     with pytest.raises(ValueError, match=r"C\(32, 16\) = 601,080,390 expert subsets.*stun"):
         wrapped.prune_experts(MoEPruneConfig(method="naee", experts_per_layer=16), calibration=None)
 

@@ -63,7 +63,10 @@ def test_router_variant_runs_no_forward_pass():
     wrapped = _planted({0: [(0, 1)]})
     calls = []
     handles = [wrapped.model.register_forward_pre_hook(lambda *a: calls.append("model"))]
-    handles += [layer.register_forward_pre_hook(lambda *a: calls.append("layer")) for layer in wrapped.model.model.layers]
+    handles += [
+        layer.register_forward_pre_hook(lambda *a: calls.append("layer"))
+        for layer in wrapped.model.model.layers
+    ]
     wrapped.prune_experts(MoEPruneConfig(method="stun", expert_sparsity=0.25), calibration=None)
     for handle in handles:
         handle.remove()
@@ -77,7 +80,8 @@ def test_two_phases_owl_inside_surviving_experts():
     wrapped = AutoMoEPruneModelForCausalLM.from_model(build_tiny_model("mixtral"))
     wrapped.prune_experts(
         MoEPruneConfig(method="stun", expert_sparsity=0.25, weight_sparsity=0.5, unstructured="owl"),
-        calibration=CALIB, batch_size=2,
+        calibration=CALIB,
+        batch_size=2,
     )
     record = wrapped.record
     assert sum(s["num_experts"] for s in wrapped.summary()) == 9
@@ -89,7 +93,9 @@ def test_two_phases_owl_inside_surviving_experts():
         w = layer.expert_tensors()["gate_up_proj"]
         assert w.shape[0] == layer.num_experts
         assert 0.3 < float((w == 0).float().mean()) < 0.7
-        assert record["weight_sparsity"][f"{layer.path}.experts.gate_up_proj"] == float((w == 0).float().mean())
+        assert record["weight_sparsity"][f"{layer.path}.experts.gate_up_proj"] == float(
+            (w == 0).float().mean()
+        )
 
 
 @pytest.mark.parametrize("distance", ["coactivation", "mix"])
@@ -129,6 +135,8 @@ def test_stun_validates_before_calibration():
     with pytest.raises(ValueError, match="top-k"):
         wrapped.prune_experts(MoEPruneConfig(method="stun", num_experts_total=3))
     with pytest.raises(ValueError, match="distance"):
-        wrapped.prune_experts(MoEPruneConfig(method="stun", experts_per_layer=4, method_options={"distance": "cos"}))
+        wrapped.prune_experts(
+            MoEPruneConfig(method="stun", experts_per_layer=4, method_options={"distance": "cos"})
+        )
     with pytest.raises(ValueError, match="weight_sparsity"):
         wrapped.prune_experts(MoEPruneConfig(method="stun", experts_per_layer=4, unstructured="owl"))

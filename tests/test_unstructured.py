@@ -54,7 +54,9 @@ def test_masks_on_synthetic_scores():
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "switch_transformers"])
 def test_wanda_exact_sparsity_in_every_row(family):
     wrapped = _wrap(family)
-    wrapped.prune_experts(MoEPruneConfig(method="wanda", weight_sparsity=0.5), calibration=CALIB, batch_size=2)
+    wrapped.prune_experts(
+        MoEPruneConfig(method="wanda", weight_sparsity=0.5), calibration=CALIB, batch_size=2
+    )
     for layer in wrapped.moe_layers():
         for spec in layer.expert_tensor_specs():
             if spec.in_axis is None:
@@ -126,15 +128,22 @@ def test_unstructured_options_reject_bad_requests():
         UnstructuredOptions(0.5, "owl", nm=(2, 4))
     wrapped = _wrap("mixtral")
     with pytest.raises(ValueError, match="expert targets"):
-        wrapped.prune_experts(MoEPruneConfig(method="wanda", weight_sparsity=0.5, experts_per_layer=4), calibration=CALIB)
+        wrapped.prune_experts(
+            MoEPruneConfig(method="wanda", weight_sparsity=0.5, experts_per_layer=4), calibration=CALIB
+        )
     with pytest.raises(ValueError, match="weight_sparsity"):
         wrapped.prune_experts(MoEPruneConfig(method="owl"), calibration=CALIB)
 
 
 def _tiny_llama():
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
     )
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config).eval()
@@ -144,7 +153,9 @@ def test_dense_model_function_api():
     model = _tiny_llama()
     head = model.lm_head.weight.clone()
     report = wanda_prune_(model, list(CALIB.split(2)), 0.5)
-    linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("model.layers")]
+    linears = [
+        n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("model.layers")
+    ]
     assert sorted(report.weight_sparsity) == sorted(linears) and len(linears) == 14
     for name in linears:
         w = model.get_submodule(name).weight

@@ -43,7 +43,9 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
             if best is None or len(module) > len(best[1]):
                 best = (name, module)
     if best is None:
-        raise ValueError(f"{type(model).__name__} has no list of decoder layers; sequential calibration needs one.")
+        raise ValueError(
+            f"{type(model).__name__} has no list of decoder layers; sequential calibration needs one."
+        )
     return best
 
 
@@ -99,7 +101,9 @@ class SequentialPipeline:
 
     @classmethod
     @torch.no_grad()
-    def from_model(cls, model: nn.Module, batches: Iterable[torch.Tensor], **hooks: Any) -> SequentialPipeline:
+    def from_model(
+        cls, model: nn.Module, batches: Iterable[torch.Tensor], **hooks: Any
+    ) -> SequentialPipeline:
         """Capture the inputs of the first decoder layer for every batch (the rest of the model is not run)."""
         prefix, layers = find_decoder_layers(model)
         hidden: list[torch.Tensor] = []
@@ -109,7 +113,9 @@ class SequentialPipeline:
             kw = dict(kw)
             state = args[0] if args else kw.pop("hidden_states")
             hidden.append(state.detach())
-            kwargs.append({k: v for k, v in kw.items() if k not in ("cache", "past_key_values", "past_key_value")})
+            kwargs.append(
+                {k: v for k, v in kw.items() if k not in ("cache", "past_key_values", "past_key_value")}
+            )
             raise _StopForward
 
         was_training = model.training
@@ -128,7 +134,9 @@ class SequentialPipeline:
             handle.remove()
             model.train(was_training)
         paths = [f"{prefix}.{i}" if prefix else str(i) for i in range(len(layers))]
-        return cls(layers=list(layers), paths=paths, hidden=hidden, kwargs=kwargs, capture_passes=passes, **hooks)
+        return cls(
+            layers=list(layers), paths=paths, hidden=hidden, kwargs=kwargs, capture_passes=passes, **hooks
+        )
 
     def __iter__(self) -> Iterator[LayerStep]:
         for index in range(len(self.layers)):
@@ -151,7 +159,9 @@ class InputNormCollector:
 
     def __init__(self, modules: dict[str, nn.Linear]) -> None:
         self.modules = modules
-        self.sq: dict[str, torch.Tensor] = {p: torch.zeros(m.in_features, dtype=torch.float64) for p, m in modules.items()}
+        self.sq: dict[str, torch.Tensor] = {
+            p: torch.zeros(m.in_features, dtype=torch.float64) for p, m in modules.items()
+        }
         self.tokens: dict[str, int] = dict.fromkeys(modules, 0)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 

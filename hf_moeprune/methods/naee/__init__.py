@@ -37,7 +37,9 @@ from ..unstructured.prune import has_decoder_layers
 
 
 @torch.no_grad()
-def search_layer(layer: MoELayer, inputs: torch.Tensor, keep: int, top_k: int | None = None) -> tuple[list[int], float, int]:
+def search_layer(
+    layer: MoELayer, inputs: torch.Tensor, keep: int, top_k: int | None = None
+) -> tuple[list[int], float, int]:
     """Best subset of `keep` experts for one MoE block on `inputs` `[1, T, H]`: (subset, relative error, tried)."""
     reference = layer_output(layer.block(inputs)).float()
     scale = float(reference.norm()) or 1.0
@@ -57,7 +59,9 @@ def _capture_block_inputs(layers: list[MoELayer], run: Callable[[], Any]) -> dic
     captured: dict[str, list[torch.Tensor]] = {layer.path: [] for layer in layers}
     handles = [
         layer.block.register_forward_pre_hook(
-            lambda module, args, path=layer.path: captured[path].append(args[0].detach().reshape(-1, args[0].shape[-1]))
+            lambda module, args, path=layer.path: captured[path].append(
+                args[0].detach().reshape(-1, args[0].shape[-1])
+            )
         )
         for layer in layers
     ]
@@ -109,7 +113,9 @@ class NAEE(ExpertMethod):
 
         def decide(layer: MoELayer, chunks: list[torch.Tensor]) -> None:
             nonlocal evaluations
-            subset, error, tried = search_layer(layer, _sample(chunks, max_tokens), counts[layer.path], self.config.top_k)
+            subset, error, tried = search_layer(
+                layer, _sample(chunks, max_tokens), counts[layer.path], self.config.top_k
+            )
             plan.layers[layer.path] = LayerPlan.keep(subset)
             errors[layer.path] = round(error, 6)
             evaluations += tried
@@ -128,7 +134,9 @@ class NAEE(ExpertMethod):
         else:  # encoder-decoder: one pass of the unpruned model
             captured = _capture_block_inputs(
                 context.layers,
-                lambda: run_calibration(context.model, batches, is_encoder_decoder=context.is_encoder_decoder, progress=False),
+                lambda: run_calibration(
+                    context.model, batches, is_encoder_decoder=context.is_encoder_decoder, progress=False
+                ),
             )
             for layer in context.layers:
                 decide(layer, captured[layer.path])
@@ -142,7 +150,8 @@ class NAEE(ExpertMethod):
             relative = layer.path[len(step.path) + 1 :]
             apply_layer_plan(
                 MoELayer(path=layer.path, block=pruned.get_submodule(relative), spec=layer.spec),
-                plan.layers[layer.path], self.config.top_k,
+                plan.layers[layer.path],
+                self.config.top_k,
             )
         original, step.layer = step.layer, pruned
         try:

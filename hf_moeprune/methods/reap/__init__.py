@@ -29,10 +29,14 @@ from ..targets import uniform_counts
 
 def reap_scores(gated_output_norm_sum: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Mean gated output norm over routed tokens; 0 for experts no token reached."""
-    return torch.where(counts > 0, gated_output_norm_sum / counts.clamp(min=1), torch.zeros_like(gated_output_norm_sum))
+    return torch.where(
+        counts > 0, gated_output_norm_sum / counts.clamp(min=1), torch.zeros_like(gated_output_norm_sum)
+    )
 
 
-def super_experts(output_max: dict[str, torch.Tensor], quantile: float = 0.995, fraction: float = 0.1) -> dict[str, list[int]]:
+def super_experts(
+    output_max: dict[str, torch.Tensor], quantile: float = 0.995, fraction: float = 0.1
+) -> dict[str, list[int]]:
     """Experts whose peak |activation| exceeds max(quantile over all experts, global max * fraction)."""
     values = torch.cat([v.double().flatten() for v in output_max.values()])
     if values.numel() == 0 or float(values.max()) <= 0:

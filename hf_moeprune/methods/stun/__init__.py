@@ -99,7 +99,9 @@ class Dendrogram:
         np.fill_diagonal(d, 0.0)
         z = linkage(squareform(d, checks=False), method="complete")
         # complete linkage heights are monotone; the maximum guards against float round-off
-        return cls(num_experts=d.shape[0], merges=z[:, :2].astype(int), heights=np.maximum.accumulate(z[:, 2]))
+        return cls(
+            num_experts=d.shape[0], merges=z[:, :2].astype(int), heights=np.maximum.accumulate(z[:, 2])
+        )
 
     def count_at(self, threshold: float, floor: int) -> int:
         """Clusters left when merging every pair of clusters closer than `threshold`, never below `floor`."""
@@ -130,7 +132,9 @@ def global_threshold_counts(
     lo = -1.0
     hi = max((float(d.heights.max()) for d in dendrograms.values() if d.heights.size), default=0.0) + 1.0
     if total(hi) > target:
-        raise ValueError(f"Cannot reach {target} experts: the per-layer top-k floors allow {total(hi)} at least.")
+        raise ValueError(
+            f"Cannot reach {target} experts: the per-layer top-k floors allow {total(hi)} at least."
+        )
     for _ in range(iterations):  # invariant: total(lo) > target >= total(hi)
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if total(mid) > target else (lo, mid)
@@ -198,11 +202,15 @@ class STUN(ExpertMethod):
         if self.distance not in DISTANCES:
             raise ValueError(f"STUN distance must be one of {DISTANCES}, got {self.distance!r}.")
         if self.representative not in ("centroid", "router"):
-            raise ValueError(f"STUN representative must be 'centroid' or 'router', got {self.representative!r}.")
+            raise ValueError(
+                f"STUN representative must be 'centroid' or 'router', got {self.representative!r}."
+            )
         if not 0.0 <= self.mix_alpha <= 1.0:
             raise ValueError(f"STUN mix_alpha must be in [0, 1], got {self.mix_alpha}.")
         if self.config.unstructured is not None and not self.has_phase2:
-            raise ValueError("unstructured= is set but weight_sparsity (or nm_pattern) is not: give the sparsity.")
+            raise ValueError(
+                "unstructured= is set but weight_sparsity (or nm_pattern) is not: give the sparsity."
+            )
         self._targets(layers)
         if self.has_phase2:
             options_from_config(self.config, self._algorithm())
@@ -216,7 +224,11 @@ class STUN(ExpertMethod):
         return total_budget(layers, self.config)
 
     def layer_distance(self, layer: MoELayer, context: MethodContext) -> torch.Tensor:
-        router = router_distance(layer.router_tensors()["weight"], self.normalize) if self.distance != "coactivation" else None
+        router = (
+            router_distance(layer.router_tensors()["weight"], self.normalize)
+            if self.distance != "coactivation"
+            else None
+        )
         if self.distance == "router":
             return router
         co = coactivation_distance(context.statistics()[layer.path].coactivation)
@@ -226,7 +238,9 @@ class STUN(ExpertMethod):
 
     def run(self, context: MethodContext) -> MethodResult:
         layers = context.layers
-        dendrograms = {layer.path: Dendrogram.from_distance(self.layer_distance(layer, context)) for layer in layers}
+        dendrograms = {
+            layer.path: Dendrogram.from_distance(self.layer_distance(layer, context)) for layer in layers
+        }
         floors = {layer.path: effective_top_k(layer, self.config) for layer in layers}
         target = self._targets(layers)
         thresholds: dict[str, float] | float
@@ -245,7 +259,11 @@ class STUN(ExpertMethod):
             clusters_record[layer.path] = clusters
             if counts[layer.path] == layer.num_experts:
                 continue  # nothing removed in this layer
-            features = expert_features(layer) if self.representative == "centroid" else layer.router_tensors()["weight"]
+            features = (
+                expert_features(layer)
+                if self.representative == "centroid"
+                else layer.router_tensors()["weight"]
+            )
             groups = []
             for members in clusters:
                 if 1 < len(members) <= self.average_up_to:
@@ -266,8 +284,11 @@ class STUN(ExpertMethod):
         if not self.has_phase2:
             return None
         report = unstructured_prune_(
-            context.model, context.calibration.batches, options_from_config(self.config, self._algorithm()),
-            context.layers, progress=context.progress,
+            context.model,
+            context.calibration.batches,
+            options_from_config(self.config, self._algorithm()),
+            context.layers,
+            progress=context.progress,
         )
         context.forward_passes += report.forward_passes
         if self._details is not None:  # the wrapper records result.details after this hook returns

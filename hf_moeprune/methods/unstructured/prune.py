@@ -75,7 +75,9 @@ class UnstructuredOptions:
         if self.nm is not None:
             n, m = self.nm
             if self.algorithm == "owl":
-                raise ValueError("N:M patterns fix the sparsity of every group; use algorithm='wanda' with nm.")
+                raise ValueError(
+                    "N:M patterns fix the sparsity of every group; use algorithm='wanda' with nm."
+                )
             self.sparsity = 1.0 - n / m
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}.")
@@ -94,7 +96,11 @@ class UnstructuredReport:
         pruned = self.weight_sparsity
         return {
             "layer_sparsity": {k: round(v, 5) for k, v in self.layer_sparsity.items()},
-            **({"outlier_ratios": {k: round(v, 6) for k, v in self.outlier_ratios.items()}} if self.outlier_ratios else {}),
+            **(
+                {"outlier_ratios": {k: round(v, 6) for k, v in self.outlier_ratios.items()}}
+                if self.outlier_ratios
+                else {}
+            ),
             "mean_weight_sparsity": round(sum(pruned.values()) / len(pruned), 5) if pruned else 0.0,
         }
 
@@ -137,7 +143,9 @@ def _group_targets(
             chosen = "all_linear" in options.targets or _linear_kind(name) in options.targets
         if chosen:
             linears[fqn] = module
-    return _Targets(moe=moe if "experts" in options.targets or "all_linear" in options.targets else [], linears=linears)
+    return _Targets(
+        moe=moe if "experts" in options.targets or "all_linear" in options.targets else [], linears=linears
+    )
 
 
 def _live_expert_weight(layer: MoELayer, spec: ExpertTensor, expert: int) -> torch.Tensor:
@@ -161,7 +169,9 @@ class _Observed:
     linear_sq: dict[str, torch.Tensor]
 
 
-def _scored_weights(targets: _Targets, observed: _Observed) -> Iterable[tuple[str, torch.Tensor, torch.Tensor, int]]:
+def _scored_weights(
+    targets: _Targets, observed: _Observed
+) -> Iterable[tuple[str, torch.Tensor, torch.Tensor, int]]:
     """(report key, live weight, score, in_axis) for every target weight (one entry per expert)."""
     for layer in targets.moe:
         stats = observed.expert_stats[layer.path]
@@ -171,7 +181,12 @@ def _scored_weights(targets: _Targets, observed: _Observed) -> Iterable[tuple[st
             for e in range(layer.num_experts):
                 weight = _live_expert_weight(layer, spec, e)
                 norm = _expert_norm(stats, spec, e, weight.shape[spec.in_axis])
-                yield f"{layer.experts_path}.{spec.name}", weight, wanda_scores(weight, norm, spec.in_axis), spec.in_axis
+                yield (
+                    f"{layer.experts_path}.{spec.name}",
+                    weight,
+                    wanda_scores(weight, norm, spec.in_axis),
+                    spec.in_axis,
+                )
     for path, module in targets.linears.items():
         norm = observed.linear_sq[path].clamp(min=0).sqrt()
         yield path, module.weight.data, wanda_scores(module.weight.data, norm, 1), 1
@@ -191,7 +206,9 @@ def _outlier_ratio(targets: _Targets, observed: _Observed, m: float) -> tuple[fl
 
 
 @torch.no_grad()
-def _prune_group(targets: _Targets, observed: _Observed, sparsity: float, nm: tuple[int, int] | None) -> dict[str, float]:
+def _prune_group(
+    targets: _Targets, observed: _Observed, sparsity: float, nm: tuple[int, int] | None
+) -> dict[str, float]:
     zeros: dict[str, int] = {}
     sizes: dict[str, int] = {}
     for key, weight, score, in_axis in _scored_weights(targets, observed):
@@ -303,7 +320,8 @@ def _one_shot(
     everything = _group_targets(model, "", moe_layers, options)
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     observed, passes = _observe(
-        lambda: run_calibration(model, batches, is_encoder_decoder=encoder_decoder, progress=progress), everything
+        lambda: run_calibration(model, batches, is_encoder_decoder=encoder_decoder, progress=progress),
+        everything,
     )
     report.forward_passes += passes
     groups: dict[str, _Targets] = {}
@@ -353,7 +371,9 @@ def owl_prune_(
 ) -> UnstructuredReport:
     """OWL (outlier-weighted layer-wise sparsity + Wanda scores) in place."""
     targets = tuple(targets) if targets else (("experts",) if moe_layers else ("all_linear",))
-    return unstructured_prune_(model, batches, UnstructuredOptions(sparsity, "owl", targets=targets, **options), moe_layers)
+    return unstructured_prune_(
+        model, batches, UnstructuredOptions(sparsity, "owl", targets=targets, **options), moe_layers
+    )
 
 
 def has_decoder_layers(model: nn.Module) -> bool:

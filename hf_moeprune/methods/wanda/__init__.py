@@ -37,8 +37,11 @@ class UnstructuredMethod(ExpertMethod):
 
     def run(self, context: MethodContext) -> MethodResult:
         report = unstructured_prune_(
-            context.model, context.calibration.batches, options_from_config(self.config, self.algorithm),
-            context.layers, progress=context.progress,
+            context.model,
+            context.calibration.batches,
+            options_from_config(self.config, self.algorithm),
+            context.layers,
+            progress=context.progress,
         )
         context.forward_passes += report.forward_passes
         return MethodResult(plan=None, weight_sparsity=report.weight_sparsity, details=report.details())
