@@ -43,6 +43,17 @@ def local_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Local
         monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
         monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+        # Long-lived HfApi objects captured the endpoint when they were built: huggingface_hub's module-level one
+        # (behind `huggingface_hub.create_repo` & co.) and transformers' shared one (with its revision cache).
+        import huggingface_hub.hf_api
+
+        monkeypatch.setattr(huggingface_hub.hf_api.api, "endpoint", hub.url)
+        try:
+            import transformers.utils.hub as transformers_hub
+        except ImportError:
+            transformers_hub = None
+        if transformers_hub is not None and hasattr(transformers_hub, "_hf_api"):
+            monkeypatch.setattr(transformers_hub, "_hf_api", None)
         # No token saved on this machine may leak in: only HF_TOKEN (set above, removable by a test) counts.
         monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no_saved_token"))
         monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no_saved_tokens"))

@@ -92,6 +92,8 @@ def test_write_model_card_keeps_hand_written_readme(tmp_path: Path) -> None:
     path.write_text("# my own card\n")
     write_model_card(folder)
     assert path.read_text() == "# my own card\n"
+    staged = folder.rename(tmp_path / ".mixtral-2e.tmp-x1y2")  # save_pretrained's atomic staging folder
+    assert "# mixtral-2e\n" in str(build_model_card(staged))
 
 
 def test_template_single_source_of_truth() -> None:
@@ -209,3 +211,35 @@ def test_cli_push_to_a_branch_and_as_pr(local_hub: LocalHubServer, tmp_path: Pat
     assert "refs/pr/1" in repo.refs and capsys.readouterr().out.strip().endswith("/discussions/1")
     assert main(["push", str(tmp_path / "missing"), "me/cli"]) == 1
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_merge_nonuniform_push_and_load_with_remote_code(local_hub: LocalHubServer, tmp_path: Path) -> None:
+    from huggingface_hub import ModelCard
+    from transformers import AutoModelForCausalLM
+
+    _upload_base(local_hub, tmp_path)
+    cache = str(tmp_path / "cache")
+    model = AutoMoEPruneModelForCausalLM.from_pretrained("me/tiny-base", cache_dir=cache)
+    config = MoEPruneConfig(method="hc-smoe", num_experts_total=5, adaptive=True)
+    model.merge_experts(
+        config, calibration=torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    )
+    assert model.record["uniform"] is False
+    model.push_to_hub("me/merged")
+
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    remote = AutoModelForCausalLM.from_pretrained("me/merged", cache_dir=cache, trust_remote_code=True).eval()
+    ours = AutoMoEPruneModelForCausalLM.from_pretrained("me/merged", cache_dir=cache).eval()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        assert torch.equal(expected, remote(input_ids=ids).logits)
+        assert torch.equal(expected, ours(input_ids=ids).logits)
+
+    card = ModelCard.load("me/merged")
+    assert {"moe", "merged", "hc-smoe"} <= set(card.data.tags)
+    assert "trust_remote_code=True" in str(card) and "[HC-SMoE](https://arxiv.org/abs/2410.08589)" in str(
+        card
+    )
+    assert read_recipes_from_card(card) == [config]
+    groups = model.record["layers"]["model.layers.0.mlp"]["groups"]
+    assert f"| `model.layers.0.mlp` | 4 | {len(groups)} |" in str(card)

@@ -314,7 +314,18 @@ def _bench_view(bench: Any) -> tuple[list[tuple[str, str]], list[str], list[list
     return scalars, columns, rows
 
 
+def _final_folder_name(folder: Path) -> str:
+    """The folder's name, seen through the `.NAME.tmp-XXXX` staging folder `save_pretrained` writes into."""
+    name = folder.resolve().name
+    match = re.fullmatch(r"\.(.+)\.tmp-[^.]+", name)
+    return match.group(1) if match else name
+
+
 def _recipe_yaml(config_dict: dict[str, Any]) -> str:
+    config_dict = {
+        "method": config_dict.get("method"),
+        **config_dict,
+    }  # method first: what a reader looks for
     return yaml.safe_dump(config_dict, sort_keys=False, default_flow_style=False, allow_unicode=True).rstrip()
 
 
@@ -354,7 +365,7 @@ def build_model_card(
 
     checkpoint_dir = Path(checkpoint_dir)
     config, entry = read_moeprune_entry(checkpoint_dir)
-    model_name = model_name or checkpoint_dir.resolve().name
+    model_name = model_name or _final_folder_name(checkpoint_dir)
 
     base_model = entry.get("base_model") or config.get("_name_or_path")
     base_is_hub_id = _looks_like_hub_repo_id(base_model)
