@@ -86,18 +86,33 @@ class LayerStatistics:
         one_hot.scatter_(1, index.clamp(0, self.num_experts - 1), valid.float())
         self.coactivation += (one_hot.T @ one_hot).double().cpu()
 
-    def record_expert(
-        self, expert: int, inputs: torch.Tensor, intermediate: torch.Tensor, outputs: torch.Tensor, gates: torch.Tensor
+    def record_experts(
+        self,
+        experts: torch.Tensor,
+        inputs: torch.Tensor,
+        intermediate: torch.Tensor,
+        outputs: torch.Tensor,
+        gates: torch.Tensor,
     ) -> None:
+        """Record token-expert pairs: `experts[s]` received input row s and produced output row s.
+
+        Per-expert sums are one matrix product with the one-hot assignment, not a loop over experts.
+        """
+        experts = experts.detach().long().reshape(-1)
         inputs, intermediate, outputs = inputs.detach().float(), intermediate.detach().float(), outputs.detach().float()
-        norms = outputs.norm(dim=-1)
-        self.counts[expert] += inputs.shape[0]
-        self.output_norm_sum[expert] += norms.sum().double().cpu()
-        self.gated_output_norm_sum[expert] += (norms * gates.detach().float().reshape(-1)).sum().double().cpu()
-        self.output_sum[expert] += outputs.sum(0).double().cpu()
-        self.output_max[expert] = max(float(self.output_max[expert]), float(outputs.abs().max()) if outputs.numel() else 0.0)
-        self.input_sq[expert] += inputs.pow(2).sum(0).double().cpu()
-        self.intermediate_sq[expert, : intermediate.shape[-1]] += intermediate.pow(2).sum(0).double().cpu()
+        assignment = torch.zeros(self.num_experts, experts.numel(), dtype=torch.float32, device=experts.device)
+        assignment[experts, torch.arange(experts.numel(), device=experts.device)] = 1.0
+        norms = torch.linalg.vector_norm(outputs, dim=-1)
+        peaks = outputs.abs().amax(-1) if outputs.numel() else norms
+        self.counts += assignment.sum(1).double().cpu()
+        self.output_norm_sum += (assignment @ norms).double().cpu()
+        self.gated_output_norm_sum += (assignment @ (norms * gates.detach().float().reshape(-1))).double().cpu()
+        self.output_sum += (assignment @ outputs).double().cpu()
+        self.input_sq += (assignment @ inputs.square()).double().cpu()
+        self.intermediate_sq[:, : intermediate.shape[-1]] += (assignment @ intermediate.square()).double().cpu()
+        for expert in torch.unique(experts).tolist():
+            peak = float(peaks[experts == expert].max())
+            self.output_max[expert] = max(float(self.output_max[expert]), peak)
 
     @property
     def frequency(self) -> torch.Tensor:
@@ -217,7 +232,8 @@ def _install_module_hooks(layer: MoELayer, stats: LayerStatistics) -> list:
         def expert_hook(module: nn.Module, args: tuple, output: torch.Tensor, e: int = e, captured=captured) -> None:
             position, token = torch.where(state["mask"][:, :, e].T > 0)
             gates = state["weights"][token, position]
-            stats.record_expert(e, args[0], captured.pop("a"), output, gates)
+            experts = torch.full((args[0].shape[0],), e, dtype=torch.long, device=args[0].device)
+            stats.record_experts(experts, args[0], captured.pop("a"), output, gates)
 
         handles.append(expert.register_forward_hook(expert_hook))
     return handles
@@ -226,30 +242,51 @@ def _install_module_hooks(layer: MoELayer, stats: LayerStatistics) -> list:
 def recording_experts_forward(
     self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
-    """transformers' eager experts loop, also feeding each expert's inputs and outputs to the recorder."""
+    """transformers' experts computation, also feeding each expert's inputs and outputs to the recorder.
+
+    Token-expert pairs are sorted by expert so each expert reads one contiguous slice, and the outputs are
+    combined by a reshape-sum rather than `index_add_` (which dominated the time on CPU).
+    """
     recorder: LayerStatistics | None = getattr(self, "_moeprune_recorder", None)
-    final = torch.zeros_like(hidden_states)
     if recorder is not None:
         recorder.record_routing(top_k_index)
     first = self.gate_up_proj if self.has_gate else self.up_proj
     first_bias = (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias) if self.has_bias else None
     num_experts = first.shape[0]
-    for expert in torch.unique(top_k_index).tolist():
-        if not 0 <= expert < num_experts:
+    num_tokens, top_k = top_k_index.shape
+    flat_experts = top_k_index.reshape(-1)
+    order = torch.argsort(flat_experts, stable=True)
+    sorted_experts = flat_experts[order]
+    tokens = order // top_k
+    gates = top_k_weights.reshape(-1)[order]
+    inputs = hidden_states[tokens]
+    outputs = torch.zeros_like(inputs)
+    raw_outputs = torch.zeros_like(inputs) if recorder is not None else None
+    intermediates: list[torch.Tensor] = []
+    bounds = torch.searchsorted(sorted_experts, torch.arange(num_experts + 1, device=sorted_experts.device)).tolist()
+    for expert in range(num_experts):
+        begin, end = bounds[expert], bounds[expert + 1]
+        if begin == end:
             continue
-        token_idx, position = torch.where(top_k_index == expert)
-        x = hidden_states[token_idx]
+        x = inputs[begin:end]
         h = _expert_linear(x, first[expert], first_bias[expert] if first_bias is not None else None, self.is_transposed)
         a = self._apply_gate(h) if self.has_gate else self.act_fn(h)
         down_bias = self.down_proj_bias[expert] if self.has_bias else None
         y = _expert_linear(a, self.down_proj[expert], down_bias, self.is_transposed)
         if getattr(self, "has_post_expert_norm", False):
             y = self.post_expert_norm(y)
-        gates = top_k_weights[token_idx, position]
-        final.index_add_(0, token_idx, (y * gates.unsqueeze(-1)).to(final.dtype))
+        outputs[begin:end] = y * gates[begin:end].unsqueeze(-1)
         if recorder is not None:
-            recorder.record_expert(expert, x, a, y, gates)
-    return final
+            raw_outputs[begin:end] = y
+            intermediates.append(a)
+    if recorder is not None and intermediates:
+        routed = slice(bounds[0], bounds[num_experts])
+        recorder.record_experts(
+            sorted_experts[routed], inputs[routed], torch.cat(intermediates), raw_outputs[routed], gates[routed]
+        )
+    combined = torch.empty_like(outputs)
+    combined[order] = outputs
+    return combined.view(num_tokens, top_k, -1).sum(1).to(hidden_states.dtype)
 
 
 def _expert_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
