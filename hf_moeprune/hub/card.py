@@ -295,8 +295,11 @@ def _layer_rows(layers: dict[str, Any]) -> tuple[list[dict[str, str]], bool]:
     return rows, any_merge
 
 
-def _bench_view(bench: Any) -> tuple[list[tuple[str, str]], list[str], list[list[str]]]:
-    """Headline figures of `bench.json`: its top-level numbers and its `summary` table, whatever the benchmark."""
+def _bench_view(
+    bench: Any, max_columns: int = 10, max_rows: int = 20
+) -> tuple[list[tuple[str, str]], list[str], list[list[str]]]:
+    """Headline figures of `bench.json`, whatever the benchmark: its top-level numbers, and a table of the scalar
+    fields of its `summary` (or else `results`) rows. Nested values are left to the file itself."""
     if not isinstance(bench, dict):
         return [], [], []
     scalars = [
@@ -304,13 +307,18 @@ def _bench_view(bench: Any) -> tuple[list[tuple[str, str]], list[str], list[list
         for key, value in bench.items()
         if isinstance(value, (int, float)) and not isinstance(value, bool)
     ]
-    summary = bench.get("summary")
+    table = bench.get("summary") if isinstance(bench.get("summary"), list) else bench.get("results")
     columns: list[str] = []
     rows: list[list[str]] = []
-    if isinstance(summary, list) and all(isinstance(row, dict) for row in summary):
-        for row in summary:
-            columns.extend(key for key in row if key not in columns)
-        rows = [[_md_cell(row.get(col, "")) for col in columns] for row in summary]
+    if isinstance(table, list) and table and all(isinstance(row, dict) for row in table):
+        for row in table:
+            columns.extend(
+                key
+                for key, value in row.items()
+                if key not in columns and isinstance(value, (str, int, float))
+            )
+        columns = columns[:max_columns]
+        rows = [[_md_cell(row.get(col, "")) for col in columns] for row in table[:max_rows]]
     return scalars, columns, rows
 
 
