@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import VOCAB, build_tiny_model, logits_of
+from conftest import VOCAB, build_tiny_model, logits_of, make_unselectable
 from transformers import AutoModelForCausalLM
 
 import hf_moeprune.checkpoint as checkpoint
@@ -85,3 +85,20 @@ def test_save_over_existing_folder_replaces_it_whole(tmp_path, input_ids):
     (target / "stale.bin").write_bytes(b"old")
     checkpoint.save_checkpoint(model.model, model.moe_layers(), model.record, target)
     assert not (target / "stale.bin").exists() and (target / "config.json").exists()
+
+
+def test_adaptive_frequency_gives_non_uniform_counts_that_reload(tmp_path, input_ids):
+    """One layer routes almost everything to two experts, the other spreads evenly: the global ranking keeps
+    fewer experts in the first."""
+    model = AutoMoEPruneModelForCausalLM.from_model(build_tiny_model("mixtral"))
+    layers = model.moe_layers()
+    calibration = torch.randint(4, VOCAB, (2, 32), generator=torch.Generator().manual_seed(5))
+    make_unselectable(model.model, layers[:1], [2, 3, 4, 5], calibration)
+    with torch.no_grad():
+        layers[1].router_tensors()["weight"].mul_(0.01)
+    model.prune_experts(MoEPruneConfig(method="frequency", num_experts_total=7, adaptive=True), calibration=calibration)
+    counts = [layer.num_experts for layer in model.moe_layers()]
+    assert sum(counts) == 7 and counts[0] < counts[1]
+    expected = logits_of(model, input_ids)
+    reloaded = AutoMoEPruneModelForCausalLM.from_pretrained(model.save_pretrained(tmp_path / "adaptive"))
+    torch.testing.assert_close(logits_of(reloaded, input_ids), expected, atol=0, rtol=0)
