@@ -193,7 +193,9 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         from hf_moeprune import AutoMoEPruneModelForCausalLM
 
         # eager experts: transformers' default grouped_mm is very slow on CPU
-        wrapped = AutoMoEPruneModelForCausalLM.from_pretrained(spec["model"], experts_implementation="eager")
+        wrapped = AutoMoEPruneModelForCausalLM.from_pretrained(
+            spec["model"], experts_implementation="eager", dtype=torch.float32
+        )
         model, tokenizer = wrapped.model, wrapped.tokenizer
     calibration = prepare_calibration(
         _texts("calibration"),
