@@ -152,7 +152,7 @@ class MoEPruneModel(nn.Module):
             save_directory,
             tokenizer=self.tokenizer,
             task=self.spec.task,
-            extra_files=_write_card_if_available,
+            extra_files=lambda folder: _write_card(folder, Path(save_directory).name),
             **kwargs,
         )
 
@@ -164,17 +164,22 @@ class MoEPruneModel(nn.Module):
         token: str | bool | None = None,
         revision: str | None = None,
         commit_message: str | None = None,
+        commit_description: str | None = None,
         create_pr: bool = False,
+        tags: list[str] | None = None,
         **save_kwargs: Any,
     ) -> str:
-        """Save to a temporary folder (weights, config, tokenizer, generated card) and upload it."""
+        """Save to a temporary folder (weights, config, tokenizer, generated card) and upload it.
+
+        The arguments are those of transformers' `push_to_hub`; nothing local changes if the upload fails.
+        """
         from .hub import push_checkpoint
 
         with tempfile.TemporaryDirectory() as tmp:
-            folder = self.save_pretrained(Path(tmp) / "checkpoint", **save_kwargs)
+            folder = self.save_pretrained(Path(tmp) / repo_id.split("/")[-1], **save_kwargs)
             return push_checkpoint(
-                folder, repo_id, private=private, token=token, revision=revision,
-                commit_message=commit_message, create_pr=create_pr,
+                folder, repo_id, private=private, token=token, revision=revision, commit_message=commit_message,
+                commit_description=commit_description, create_pr=create_pr, tags=tags,
             )
 
     def summary(self) -> list[dict[str, Any]]:
@@ -190,12 +195,10 @@ class MoEPruneModel(nn.Module):
         ]
 
 
-def _write_card_if_available(folder: Path) -> None:
-    try:
-        from .hub import write_model_card
-    except ImportError:
-        return
-    write_model_card(folder)
+def _write_card(folder: Path, model_name: str) -> None:
+    from .hub import write_model_card
+
+    write_model_card(folder, model_name=model_name)
 
 
 def check_finite_weights(model: nn.Module) -> None:

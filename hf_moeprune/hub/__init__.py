@@ -7,23 +7,19 @@
 
 from .card import (
     GENERATED_MARKER,
-    METHOD_CARD_INFO,
     build_model_card,
     method_card_info,
     read_recipes_from_card,
-    register_method_card_info,
     write_model_card,
 )
 from .push import HubPushError, push_checkpoint
 
 __all__ = [
     "GENERATED_MARKER",
-    "METHOD_CARD_INFO",
     "HubPushError",
     "build_model_card",
     "method_card_info",
     "push_checkpoint",
     "read_recipes_from_card",
-    "register_method_card_info",
     "write_model_card",
 ]

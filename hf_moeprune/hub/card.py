@@ -53,56 +53,15 @@ class MethodCardInfo:
     paper_title: str | None = None
 
 
-# Keyed by `MoEPruneConfig.method`. Third-party methods add theirs with `register_method_card_info`.
-METHOD_CARD_INFO: dict[str, MethodCardInfo] = {
-    "frequency": MethodCardInfo("Routing-frequency expert pruning (keep the most often selected experts)"),
-    "random": MethodCardInfo("Random expert pruning (baseline)"),
-    "uncurl": MethodCardInfo(
-        "UNCURL",
-        "https://arxiv.org/abs/2409.01483",
-        "Task-agnostic expert pruning via router-logit clustering",
-    ),
-    "mc-smoe": MethodCardInfo(
-        "MC-SMoE", "https://arxiv.org/abs/2310.01334", "Merge, Then Compress: Demystify Efficient SMoE"
-    ),
-    "hc-smoe": MethodCardInfo(
-        "HC-SMoE",
-        "https://arxiv.org/abs/2410.08589",
-        "Retraining-free merging of sparse MoE via hierarchical clustering",
-    ),
-    "stun": MethodCardInfo(
-        "STUN",
-        "https://arxiv.org/abs/2409.06211",
-        "Structured-then-unstructured pruning for scalable MoE pruning",
-    ),
-    "reap": MethodCardInfo(
-        "REAP", "https://arxiv.org/abs/2510.13999", "Router-weighted expert activation pruning"
-    ),
-    "naee": MethodCardInfo(
-        "NAEE",
-        "https://arxiv.org/abs/2402.14800",
-        "Not All Experts are Equal: efficient expert pruning and skipping",
-    ),
-    "wanda": MethodCardInfo(
-        "Wanda", "https://arxiv.org/abs/2306.11695", "A simple and effective pruning approach for LLMs"
-    ),
-    "owl": MethodCardInfo("OWL", "https://arxiv.org/abs/2310.05175", "Outlier weighed layerwise sparsity"),
-}
-
-
-def register_method_card_info(
-    name: str, pretty_name: str, paper_url: str | None = None, paper_title: str | None = None
-):
-    """Declare how cards name and cite a method (for methods registered outside hf_moeprune)."""
-    key = name.lower()
-    if key in METHOD_CARD_INFO:
-        raise ValueError(f"Card info for method {name!r} is already registered.")
-    METHOD_CARD_INFO[key] = MethodCardInfo(pretty_name, paper_url, paper_title)
-
-
 def method_card_info(name: str) -> MethodCardInfo:
-    """Card info of a method; unknown methods get a generic entry named after the method."""
-    return METHOD_CARD_INFO.get(name.lower(), MethodCardInfo(f"`{name}` expert reduction"))
+    """How cards name and cite a method, read from the method registry (each method declares its pretty
+    name and paper link), so a new method needs no card-side entry. Unknown names get a generic entry."""
+    from ..methods import registered_methods
+
+    method = registered_methods().get(name.lower())
+    if method is None:
+        return MethodCardInfo(f"`{name}` expert reduction")
+    return MethodCardInfo(method.pretty_name, method.paper, getattr(method, "paper_title", None))
 
 
 # --------------------------------------------------------------------------------------------------------------------
