@@ -55,13 +55,26 @@ def _domains() -> tuple[str, ...]:
     return DOMAINS
 
 
+def calibration_texts(tokens_needed: int) -> list[str]:
+    """Calibration documents taken round-robin over the domains until about `tokens_needed` words, so every
+    domain is represented (calibration-domain sensitivity) and no time is spent tokenising unused text."""
+    pools = [_texts("calibration", domain) for domain in _domains()]
+    chosen, words = [], 0
+    for i in range(max(len(p) for p in pools)):
+        for pool in pools:
+            if i < len(pool) and words < tokens_needed:
+                chosen.append(pool[i])
+                words += len(pool[i].split())
+    return chosen
+
+
 @torch.no_grad()
 def perplexity(model, tokenizer, texts: list[str], seq_len: int, max_tokens: int) -> tuple[float, int]:
     """Perplexity over the texts joined with EOS and cut into `seq_len` blocks (at most `max_tokens`)."""
     eos = tokenizer.eos_token_id
     ids: list[int] = []
-    for row in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-        ids += list(row) + ([eos] if eos is not None else [])
+    for text in texts:  # one at a time: stop tokenising once there are enough tokens
+        ids += list(tokenizer(text, add_special_tokens=False)["input_ids"]) + ([eos] if eos is not None else [])
         if len(ids) >= max_tokens + 1:
             break
     ids = ids[: max_tokens + 1]
@@ -198,7 +211,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         )
         model, tokenizer = wrapped.model, wrapped.tokenizer
     calibration = prepare_calibration(
-        _texts("calibration"),
+        calibration_texts(spec["calib_sequences"] * spec["seq_len"]),
         tokenizer,
         seq_len=spec["seq_len"],
         batch_size=spec["batch_size"],
