@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import sys
 import threading
@@ -95,18 +94,15 @@ def token_blocks(tokenizer, texts: list[str], seq_len: int, max_tokens: int) -> 
     return torch.tensor(ids[:usable]).view(-1, seq_len)
 
 
-@torch.no_grad()
-def perplexity(model, blocks: torch.Tensor, batch_size: int = 8) -> float:
-    total, count = 0.0, 0
-    for start in range(0, blocks.shape[0], batch_size):
-        batch = blocks[start : start + batch_size]
-        logits = model(input_ids=batch).logits[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-        )
-        total += float(loss)
-        count += batch[:, 1:].numel()
-    return math.exp(total / count)
+def documents_within(tokenizer, docs, max_tokens: int):
+    """Held-out documents (in the harness's fixed hashed order) until about `max_tokens` tokens."""
+    chosen, tokens = [], 0
+    for document in docs:
+        if tokens >= max_tokens:
+            break
+        chosen.append(document)
+        tokens += len(tokenizer(document.text, add_special_tokens=False)["input_ids"])
+    return chosen
 
 
 def random_model(experts: int, seed: int = 0):
@@ -163,10 +159,18 @@ def main(argv=None) -> None:
         "--output", help="Write the markdown report here (and the raw rows beside it as .json)."
     )
     parser.add_argument(
-        "--ablation-ratios", type=int, nargs="+", default=[4], help="Ratios at which the uncurl ablations run."
+        "--ablation-ratios",
+        type=int,
+        nargs="+",
+        default=[4],
+        help="Ratios at which the uncurl ablations run.",
     )
-    parser.add_argument("--checkpoint-dir", help="Folder holding mixtral-8e/ and mixtral-32e/ (default: shipped).")
-    parser.add_argument("--from-json", nargs="+", help="Only render the rows of earlier runs' .json files together.")
+    parser.add_argument(
+        "--checkpoint-dir", help="Folder holding mixtral-8e/ and mixtral-32e/ (default: shipped)."
+    )
+    parser.add_argument(
+        "--from-json", nargs="+", help="Only render the rows of earlier runs' .json files together."
+    )
     args = parser.parse_args(argv)
     if args.from_json:
         rows = [row for path in args.from_json for row in json.loads(Path(path).read_text())]
@@ -180,16 +184,24 @@ def main(argv=None) -> None:
     big = load("mixtral-32e", args.random_model, args.checkpoint_dir)
     small = load("mixtral-8e", args.random_model, args.checkpoint_dir)
     tokenizer = big.tokenizer
+    from hf_moeprune.evaluate.harness import heldout_subset
+    from hf_moeprune.evaluate.scoring import perplexity
+
     evals = {
-        name: token_blocks(
-            tokenizer, [d.text for d in documents(*where, "heldout")], args.seq_len, args.eval_tokens
+        name: documents_within(
+            tokenizer, heldout_subset(documents(*where, "heldout"), None), args.eval_tokens
         )
         for name, where in EVALUATIONS.items()
     }
     rows = []
 
     def evaluate(model):
-        return {name: round(perplexity(model, blocks), 3) for name, blocks in evals.items()}
+        scores = {}
+        for name, docs in evals.items():
+            result = perplexity(model.model, tokenizer, docs, window=args.seq_len, progress=False)["overall"]
+            scores[name] = round(result["perplexity"], 3)
+            scores[f"{name} stderr"] = round(result["stderr"], 3)
+        return scores
 
     base_ppl = evaluate(big)
     small_ppl = evaluate(small)
@@ -250,7 +262,10 @@ def render(rows, args, argv) -> str:
     lines = [
         "Command: `python examples/bench_merging.py " + " ".join(argv) + "`",
         "",
-        f"Held-out perplexity ({args.eval_tokens} tokens per domain, sequences of {args.seq_len}); calibration "
+        "Held-out perplexity from `hf_moeprune.evaluate.scoring.perplexity` (each document scored on its own in "
+        f"windows of {args.seq_len} tokens; about {args.eval_tokens} tokens of held-out documents per domain; "
+        "`±` is the across-document standard error, shown for the reference rows: differences between methods "
+        "are paired on the same documents and so far more precise than that). Calibration "
         f"{args.calibration_tokens} tokens of one domain; {args.threads} CPU threads"
         + (" ; RANDOM tiny model (smoke run)" if args.random_model else "")
         + ". `s` is the reduction's wall time (calibration pass included), `MB` its peak extra RSS.",
@@ -262,7 +277,11 @@ def render(rows, args, argv) -> str:
         for r in rows:
             if r["calibration"] != calibration:
                 continue
-            cells = [f"{r[n]:.2f}" for n in EVALUATIONS]
+            cells = [
+                f"{r[n]:.2f}"
+                + (f" ± {r[n + ' stderr']:.1f}" if "seconds" not in r and f"{n} stderr" in r else "")
+                for n in EVALUATIONS
+            ]
             counts = r.get("counts")
             experts = "/".join(map(str, counts)) if counts and len(set(counts)) > 1 else r["experts"]
             lines.append(
