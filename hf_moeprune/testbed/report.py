@@ -153,7 +153,13 @@ def random_removal(model, tokenizer, documents, fractions=(0.25, 0.5), seeds=(0,
     return rows
 
 
-def measure(folder: str | Path, batch_size: int = 8, removal_documents: int | None = None, seeds=(0, 1, 2)) -> dict:
+def measure(
+    folder: str | Path,
+    batch_size: int = 8,
+    removal_documents: int | None = None,
+    seeds=(0, 1, 2),
+    fractions=(0.25, 0.5),
+) -> dict:
     from ..evaluate import heldout_subset, perplexity
 
     folder = Path(folder)
@@ -168,7 +174,7 @@ def measure(folder: str | Path, batch_size: int = 8, removal_documents: int | No
     print("routing", json.dumps(routing["js_bits"]["bbc_vs_shakespeare"]), json.dumps(routing["js_bits"]["sport_vs_politics"]))
     subset = heldout_subset(documents, removal_documents)
     base_subset = full if removal_documents is None else perplexity(model, tokenizer, subset, PPL_WINDOW, batch_size, progress=False)
-    removal = random_removal(model, tokenizer, subset, seeds=seeds, batch_size=batch_size)
+    removal = random_removal(model, tokenizer, subset, fractions, seeds, batch_size)
     metrics = {
         "model": folder.name,
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -199,17 +205,75 @@ def measure(folder: str | Path, batch_size: int = 8, removal_documents: int | No
     return metrics
 
 
+def render_markdown(folders: Sequence[str | Path]) -> str:
+    """A Markdown table of the recorded training and metrics of testbed folders."""
+    entries = []
+    for folder in map(Path, folders):
+        training = json.loads((folder / "training_report.json").read_text())
+        metrics = json.loads((folder / METRICS_FILE).read_text())
+        entries.append((folder.name, training, metrics))
+    lines = ["| | " + " | ".join(name for name, _, _ in entries) + " |", "|---|" + "---|" * len(entries)]
+
+    def add(label: str, values: list[str]) -> None:
+        lines.append(f"| {label} | " + " | ".join(values) + " |")
+
+    def ppl(summary: dict) -> str:
+        return f"{summary['perplexity']:.2f} ± {summary['stderr']:.2f}"
+
+    add("parameters", [f"{m['parameters'] / 1e6:.2f}M" for _, _, m in entries])
+    add("experts (top-k)", [f"{m['num_local_experts']} (top-{m['num_experts_per_tok']})" for _, _, m in entries])
+    add("training tokens", [f"{t['training_tokens']:,}" for _, t, _ in entries])
+    add("training time", [f"{t['seconds'] / 60:.1f} min ({t['threads']} thread)" for _, t, _ in entries])
+    add("final training LM loss", [f"{[v for k, v in t.items() if k.startswith('final_lm_loss')][0]:.3f}" for _, t, _ in entries])
+    add("held-out ppl, all", [ppl(m["heldout_perplexity"]["overall"]) for _, _, m in entries])
+    for domain in ("bbc", "shakespeare"):
+        add(f"held-out ppl, {domain}", [ppl(m["heldout_perplexity"]["domains"][domain]) for _, _, m in entries])
+    for topic in ("business", "entertainment", "politics", "sport", "tech"):
+        add(f"held-out ppl, bbc/{topic}", [ppl(m["heldout_perplexity"]["topics"][f"bbc/{topic}"]) for _, _, m in entries])
+    add("held-out tokens (documents)", [
+        f"{m['heldout_perplexity']['overall']['tokens']:,} ({m['heldout_perplexity']['overall']['documents']})" for _, _, m in entries
+    ])
+
+    def js(m: dict, key: str) -> str:
+        return f"{m['routing']['js_bits'][key]['mean']:.3f} (layers {', '.join(f'{v:.2f}' for v in m['routing']['js_bits'][key]['per_layer'])})"
+
+    add("routing JS bits, bbc vs shakespeare", [js(m, "bbc_vs_shakespeare") for _, _, m in entries])
+    add("routing JS bits, sport vs politics", [js(m, "sport_vs_politics") for _, _, m in entries])
+    add("routing JS bits, noise floor (max over random halves)", [
+        f"{max(v['mean'] for v in m['routing']['js_bits_null_random_halves'].values()):.4f}" for _, _, m in entries
+    ])
+    add("normalised usage entropy per layer", [
+        ", ".join(f"{v:.3f}" for v in m["routing"]["normalised_usage_entropy_per_layer"]) for _, _, m in entries
+    ])
+    add("ppl on removal set, all experts", [f"{m['random_expert_removal']['baseline_perplexity']:.2f}" for _, _, m in entries])
+    for index, label in ((0, "25%"), (1, "50%")):
+        add(f"ppl, {label} experts removed at random", [
+            (lambda r: f"{r['perplexity_mean']:.2f} (keep {r['experts_kept']}; seeds: "
+             + ", ".join(f"{v:.1f}" for v in r["perplexity_per_seed"]) + ")")(m["random_expert_removal"]["results"][index])
+            for _, _, m in entries
+        ])
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="Testbed folder.")
+    parser.add_argument("--model", help="Testbed folder to measure.")
+    parser.add_argument("--markdown", nargs="+", help="Print the Markdown table of these measured folders instead.")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--removal-documents", type=int, default=None, help="Held-out documents for the removal study.")
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--fractions", default="0.25,0.5", help="Fractions of experts removed at random.")
     args = parser.parse_args(argv)
+    if args.markdown:
+        print(render_markdown(args.markdown))
+        return
+    if not args.model:
+        parser.error("--model or --markdown is required")
     torch.set_num_threads(args.threads)
     seeds = tuple(int(s) for s in args.seeds.split(","))
-    metrics = measure(args.model, args.batch_size, args.removal_documents, seeds)
+    fractions = tuple(float(f) for f in args.fractions.split(","))
+    metrics = measure(args.model, args.batch_size, args.removal_documents, seeds, fractions)
     print(json.dumps({k: v for k, v in metrics.items() if k != "routing"}, indent=2))
 
 
