@@ -38,8 +38,15 @@ def tiny_folder(tmp_path_factory, tokenizer):
 
     torch.manual_seed(0)
     config = MixtralConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=512,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=512,
     )
     folder = tmp_path_factory.mktemp("tiny")
     MixtralForCausalLM(config).eval().save_pretrained(folder)
@@ -71,14 +78,17 @@ def test_encode_pair_moves_trailing_spaces_like_lm_eval(tokenizer):
     assert context + continuation == whole
     assert tokenizer.decode(continuation) == " because"
     start, rest = encode_pair(tokenizer, "", "hello")
-    assert start == [tokenizer.eos_token_id] and rest == tokenizer("hello", add_special_tokens=False)["input_ids"]
+    assert (
+        start == [tokenizer.eos_token_id]
+        and rest == tokenizer("hello", add_special_tokens=False)["input_ids"]
+    )
 
 
 def test_loglikelihood_is_batch_invariant_and_matches_a_direct_forward(tiny, tokenizer):
     requests = [("The minister said", " that the vote"), ("To be, or not", " to be"), ("A", " b c d e f g h")]
     one = loglikelihoods(tiny, tokenizer, requests, batch_size=1, progress=False)
     three = loglikelihoods(tiny, tokenizer, requests, batch_size=3, progress=False)
-    for (a, _), (b, _) in zip(one, three):
+    for (a, _), (b, _) in zip(one, three, strict=True):
         assert a == pytest.approx(b, abs=1e-4)
     context, continuation = encode_pair(tokenizer, *requests[0])
     ids = torch.tensor([context + continuation])
@@ -90,7 +100,9 @@ def test_loglikelihood_is_batch_invariant_and_matches_a_direct_forward(tiny, tok
 
 def test_perplexity_matches_the_model_loss(tiny, tokenizer):
     text = "The Prime Minister said the economy would grow this year."
-    result = perplexity(tiny, tokenizer, [{"text": text, "domain": "bbc", "topic": "politics"}], progress=False)
+    result = perplexity(
+        tiny, tokenizer, [{"text": text, "domain": "bbc", "topic": "politics"}], progress=False
+    )
     ids = torch.tensor([[tokenizer.eos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
         loss = float(tiny(input_ids=ids, labels=ids).loss)
@@ -112,7 +124,7 @@ def test_evaluation_is_repeatable_and_reports_rows(tiny, tokenizer):
     first = evaluate_model(tiny, tokenizer, tasks=tasks, limit=4, batch_size=4, progress=False)
     second = evaluate_model(tiny, tokenizer, tasks=tasks, limit=4, batch_size=2, progress=False)
     assert [r["task"] for r in first] == [r["task"] for r in second]
-    for a, b in zip(first, second):
+    for a, b in zip(first, second, strict=True):
         assert set(a) >= {"task", "metric", "value", "stderr", "n"}
         assert a["value"] == pytest.approx(b["value"], rel=1e-5)
     by_key = {(r["task"], r["metric"]): r for r in first}
@@ -127,11 +139,28 @@ def test_eval_command_writes_json_and_eval_results(tiny_folder, tmp_path, capsys
     from hf_moeprune.cli import main
 
     output = tmp_path / "results.json"
-    argv = ["eval", "--model", str(tiny_folder), "--tasks", "ppl,piqa", "--limit", "2", "--batch-size", "4",
-            "--output", str(output), "--no-progress", "--save-to-checkpoint"]
+    argv = [
+        "eval",
+        "--model",
+        str(tiny_folder),
+        "--tasks",
+        "ppl,piqa",
+        "--limit",
+        "2",
+        "--batch-size",
+        "4",
+        "--output",
+        str(output),
+        "--no-progress",
+        "--save-to-checkpoint",
+    ]
     assert main(argv) == 0
     rows = json.loads(output.read_text())
-    assert {(r["task"], r["metric"]) for r in rows} >= {("ppl", "perplexity"), ("piqa", "acc"), ("piqa", "acc_norm")}
+    assert {(r["task"], r["metric"]) for r in rows} >= {
+        ("ppl", "perplexity"),
+        ("piqa", "acc"),
+        ("piqa", "acc_norm"),
+    }
     assert json.loads((tiny_folder / "eval_results.json").read_text()) == rows
     assert main(argv) == 0
     assert json.loads(output.read_text()) == rows

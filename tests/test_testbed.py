@@ -9,14 +9,22 @@ import pytest
 import torch
 
 from hf_moeprune import testbed
-from hf_moeprune.testbed import TESTBEDS, calibration_documents, default_model_path, heldout_documents, split_of
+from hf_moeprune.testbed import (
+    TESTBEDS,
+    calibration_documents,
+    default_model_path,
+    heldout_documents,
+    split_of,
+)
 from hf_moeprune.testbed.data import DATA_DIR
 
 BUNDLES_PRESENT = all((DATA_DIR / f"{n}.jsonl.gz").exists() for n in ("heldout", "calibration"))
 
 
 def _trained(name: str) -> bool:
-    return (testbed.testbed_path(name) / "model.safetensors").exists() and (testbed.testbed_path(name) / "testbed_metrics.json").exists()
+    return (testbed.testbed_path(name) / "model.safetensors").exists() and (
+        testbed.testbed_path(name) / "testbed_metrics.json"
+    ).exists()
 
 
 def test_bundles_respect_the_split():
@@ -26,7 +34,13 @@ def test_bundles_respect_the_split():
     assert all(split_of(d.name) == "calibration" for d in calib)
     assert not {d.text for d in held} & {d.text for d in calib}
     assert {d.domain for d in held} == {d.domain for d in calib} == {"bbc", "shakespeare"}
-    assert {d.topic for d in held if d.domain == "bbc"} == {"business", "entertainment", "politics", "sport", "tech"}
+    assert {d.topic for d in held if d.domain == "bbc"} == {
+        "business",
+        "entertainment",
+        "politics",
+        "sport",
+        "tech",
+    }
     assert calibration_documents(domain="bbc", topic="sport")
     assert all(d.topic == "sport" for d in calibration_documents(domain="bbc", topic="sport"))
 
@@ -63,8 +77,12 @@ def test_testbed_reloads_with_plain_transformers_and_documented_perplexity(name)
     documents = slice_documents()
     assert [d.name for d in documents] == metrics["slice_perplexity"]["documents"]
     torch.set_num_threads(1)
-    result = perplexity(model, tokenizer, documents, window=metrics["slice_perplexity"]["window"], progress=False)
-    assert result["overall"]["perplexity"] == pytest.approx(metrics["slice_perplexity"]["perplexity"], rel=1e-3)
+    result = perplexity(
+        model, tokenizer, documents, window=metrics["slice_perplexity"]["window"], progress=False
+    )
+    assert result["overall"]["perplexity"] == pytest.approx(
+        metrics["slice_perplexity"]["perplexity"], rel=1e-3
+    )
     # A trained model, far from uniform guessing over the vocabulary.
     assert metrics["heldout_perplexity"]["overall"]["perplexity"] < len(tokenizer) / 20
 
@@ -83,7 +101,9 @@ def test_recorded_expert_behaviour(name):
     noise = max(v["mean"] for v in routing["js_bits_null_random_halves"].values())
     assert routing["js_bits"]["bbc_vs_shakespeare"]["mean"] > 3 * noise
     base = metrics["random_expert_removal"]["baseline_perplexity"]
-    removal = {r["fraction_removed"]: r["perplexity_mean"] for r in metrics["random_expert_removal"]["results"]}
+    removal = {
+        r["fraction_removed"]: r["perplexity_mean"] for r in metrics["random_expert_removal"]["results"]
+    }
     assert base < removal[0.25] < removal[0.5]
 
 
@@ -92,22 +112,64 @@ def test_training_script_runs_a_few_steps(tmp_path):
 
     from hf_moeprune.testbed.train import main
 
-    tiny = {"hidden_size": 32, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
-            "num_key_value_heads": 1, "max_position_embeddings": 64}
+    tiny = {
+        "hidden_size": 32,
+        "intermediate_size": 16,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "max_position_embeddings": 64,
+    }
     output = tmp_path / "tiny"
-    report = main([
-        "--documents", str(DATA_DIR / "calibration.jsonl.gz"), "--experts", "4", "--steps", "3",
-        "--batch-size", "2", "--seq-len", "32", "--vocab-size", "400", "--log-every", "1",
-        "--config-overrides", json.dumps(tiny), "--output", str(output),
-    ])
+    report = main(
+        [
+            "--documents",
+            str(DATA_DIR / "calibration.jsonl.gz"),
+            "--experts",
+            "4",
+            "--steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "32",
+            "--vocab-size",
+            "400",
+            "--log-every",
+            "1",
+            "--config-overrides",
+            json.dumps(tiny),
+            "--output",
+            str(output),
+        ]
+    )
     assert report["steps"] == 3 and report["training_tokens"] == 3 * 2 * 32
     assert math.isfinite(report["final_lm_loss_mean_last_1_steps"])
     model = AutoModelForCausalLM.from_pretrained(output)
     assert model.config.num_local_experts == 4 and model.dtype == torch.bfloat16
     assert len(AutoTokenizer.from_pretrained(output)) == model.config.vocab_size
-    again = main([
-        "--documents", str(DATA_DIR / "calibration.jsonl.gz"), "--experts", "4", "--steps", "3",
-        "--batch-size", "2", "--seq-len", "32", "--tokenizer", str(output), "--log-every", "1",
-        "--config-overrides", json.dumps(tiny), "--output", str(tmp_path / "again"),
-    ])
-    assert again["final_lm_loss_mean_last_1_steps"] == pytest.approx(report["final_lm_loss_mean_last_1_steps"], rel=1e-5)
+    again = main(
+        [
+            "--documents",
+            str(DATA_DIR / "calibration.jsonl.gz"),
+            "--experts",
+            "4",
+            "--steps",
+            "3",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "32",
+            "--tokenizer",
+            str(output),
+            "--log-every",
+            "1",
+            "--config-overrides",
+            json.dumps(tiny),
+            "--output",
+            str(tmp_path / "again"),
+        ]
+    )
+    assert again["final_lm_loss_mean_last_1_steps"] == pytest.approx(
+        report["final_lm_loss_mean_last_1_steps"], rel=1e-5
+    )

@@ -22,7 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--limit", type=int, default=None, help="At most N documents per task.")
     parser.add_argument("--batch-size", type=int, default=8, help="Sequences per forward pass (default 8).")
-    parser.add_argument("--ppl-window", type=int, default=256, help="Tokens per perplexity window (default 256).")
+    parser.add_argument(
+        "--ppl-window", type=int, default=256, help="Tokens per perplexity window (default 256)."
+    )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads.")
     parser.add_argument("--output", default=None, help="Write the rows to this JSON file.")

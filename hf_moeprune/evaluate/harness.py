@@ -43,18 +43,26 @@ def multiple_choice(
         raise ValueError(f"{task!r} is not a multiple-choice task. Known: {', '.join(sorted(TASKS))}.")
     instances = TASKS[task].instances(limit)
     requests = [request for instance in instances for request in instance.requests]
-    scores = [s for s, _ in loglikelihoods(model, tokenizer, requests, batch_size, progress=progress, desc=task)]
+    scores = [
+        s for s, _ in loglikelihoods(model, tokenizer, requests, batch_size, progress=progress, desc=task)
+    ]
     acc, acc_norm, begin = [], [], 0
     for instance in instances:
         values = scores[begin : begin + len(instance.requests)]
         begin += len(instance.requests)
-        normed = [v / max(len(c), 1) for v, c in zip(values, instance.choices)]
+        normed = [v / max(len(c), 1) for v, c in zip(values, instance.choices, strict=True)]
         acc.append(float(max(range(len(values)), key=values.__getitem__) == instance.target))
         acc_norm.append(float(max(range(len(normed)), key=normed.__getitem__) == instance.target))
     n = len(instances)
     return [
         {"task": task, "metric": "acc", "value": sum(acc) / n, "stderr": _mean_stderr(acc), "n": n},
-        {"task": task, "metric": "acc_norm", "value": sum(acc_norm) / n, "stderr": _mean_stderr(acc_norm), "n": n},
+        {
+            "task": task,
+            "metric": "acc_norm",
+            "value": sum(acc_norm) / n,
+            "stderr": _mean_stderr(acc_norm),
+            "n": n,
+        },
     ]
 
 
@@ -90,7 +98,9 @@ def perplexity_rows(result: dict[str, Any], task: str = "ppl") -> list[dict[str,
 
     rows.append(row(task, result["overall"]))
     rows.extend(row(f"{task}/{domain}", s) for domain, s in result["domains"].items())
-    rows.extend(row(f"{task}/{topic}", s) for topic, s in result["topics"].items() if topic.startswith("bbc/"))
+    rows.extend(
+        row(f"{task}/{topic}", s) for topic, s in result["topics"].items() if topic.startswith("bbc/")
+    )
     return rows
 
 
@@ -131,7 +141,9 @@ def evaluate_model(
 
                 documents = heldout_documents()
             subset = heldout_subset(documents, limit)
-            result = perplexity(model, tokenizer, subset, window=ppl_window, batch_size=batch_size, progress=progress)
+            result = perplexity(
+                model, tokenizer, subset, window=ppl_window, batch_size=batch_size, progress=progress
+            )
             rows.extend(perplexity_rows(result))
         else:
             rows.extend(multiple_choice(model, tokenizer, name, limit, batch_size, progress))

