@@ -87,7 +87,7 @@ def run_recipe(args: argparse.Namespace, merge: bool) -> int:
     from ..methods import get_method
 
     texts = None
-    if get_method(config.method).needs_calibration:
+    if get_method(config.method)(config).needs_calibration:
         texts = read_texts(args.calibration) if args.calibration else default_calibration()
     options = dict(seq_len=args.seq_len, batch_size=args.batch_size, max_sequences=args.max_sequences,
                    description=args.calibration or "hf_moeprune bundled calibration sample (BBC News + Shakespeare)")

@@ -1,0 +1,54 @@
+"""The console commands a user runs: inspect, prune and merge on a checkpoint folder."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from conftest import VOCAB, build_tiny_model, logits_of
+from transformers import AutoModelForCausalLM
+
+from hf_moeprune.cli import main
+
+
+def test_prune_then_inspect_from_the_command_line(tmp_path, tiny_tokenizer, sample_texts, capsys):
+    source = tmp_path / "base"
+    build_tiny_model("mixtral").save_pretrained(source)
+    tiny_tokenizer.save_pretrained(source)
+    calibration = tmp_path / "texts.txt"
+    calibration.write_text("\n\n".join(sample_texts))
+
+    assert main(["prune", "--model", str(source), "--method", "frequency", "--experts-per-layer", "3",
+                 "--calibration", str(calibration), "--seq-len", "32", "--output", str(tmp_path / "out")]) == 0
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert pruned.config.num_local_experts == 3
+    logits_of(pruned, torch.randint(4, VOCAB, (1, 8)))
+
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "out"), "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert [entry["num_experts"] for entry in record["layers"].values()] == [3, 3]
+    assert record["steps"][0]["config"]["method"] == "frequency"
+    assert record["parameters"]["after"] < record["parameters"]["before"]
+
+
+def test_inspect_reads_no_weights(tmp_path, capsys):
+    source = tmp_path / "base"
+    build_tiny_model("qwen2_moe").save_pretrained(source)
+    (source / "model.safetensors").write_bytes(b"not a safetensors file")
+    assert main(["inspect", str(source)]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("model.layers.")]
+    assert rows == [["model.layers.0.mlp", "6", "6", "2"], ["model.layers.1.mlp", "6", "6", "2"]]
+
+
+def test_merge_refuses_a_pruning_method_and_writes_nothing(tmp_path):
+    source = tmp_path / "base"
+    build_tiny_model("mixtral").save_pretrained(source)
+    try:
+        main(["merge", "--model", str(source), "--method", "random", "--experts-per-layer", "3",
+              "--output", str(tmp_path / "out")])
+    except ValueError as error:
+        assert "prune_experts" in str(error)
+    else:
+        raise AssertionError("merge accepted a pruning method")
+    assert not (tmp_path / "out").exists()
