@@ -173,3 +173,25 @@ def test_training_script_runs_a_few_steps(tmp_path):
     assert again["final_lm_loss_mean_last_1_steps"] == pytest.approx(
         report["final_lm_loss_mean_last_1_steps"], rel=1e-5
     )
+
+
+def test_testbeds_share_backbone_tokenizer_and_budget():
+    if not all(_trained(name) for name in TESTBEDS):
+        pytest.skip("testbeds not trained in this checkout")
+    from transformers import AutoConfig
+
+    from hf_moeprune.testbed.train import BACKBONE
+
+    configs = {name: AutoConfig.from_pretrained(testbed.testbed_path(name)) for name in TESTBEDS}
+    for config in configs.values():
+        assert config.model_type == "mixtral"
+        for key, value in BACKBONE.items():
+            found = config.rope_parameters["rope_theta"] if key == "rope_theta" else getattr(config, key)
+            assert found == value, key
+    assert [configs[n].num_local_experts for n in TESTBEDS] == [8, 32]
+    tokenizers = {(testbed.testbed_path(n) / "tokenizer.json").read_bytes() for n in TESTBEDS}
+    assert len(tokenizers) == 1
+    reports = [json.loads((testbed.testbed_path(n) / "training_report.json").read_text()) for n in TESTBEDS]
+    assert (
+        len({(r["training_tokens"], r["seed"], r["batch_size"], r["seq_len"], r["lr"]) for r in reports}) == 1
+    )
