@@ -121,7 +121,6 @@ class MoEPruneModel(nn.Module):
         )
         params, nbytes = count_parameters(self.model)
         self.record["parameters"]["after"], self.record["bytes"]["after"] = params, nbytes
-        self.record["uniform"] = is_uniform(self.record)
         setattr(self.model.config, RECORD_KEY, copy.deepcopy(self.record))
         return self
 
@@ -222,7 +221,7 @@ class _AutoMoEPruneModel:
         spec = registered_families_by_type().get(config.model_type)
         if spec is not None and spec.task != cls.task:
             raise ValueError(f"{config.model_type!r} is a {spec.task} family; use the matching AutoMoEPrune class.")
-        model_class = cls._model_class(config)
+        model_class = model_class_for_config(config, cls.task)
         model = model_class.from_pretrained(pretrained_model_name_or_path, config=config, **kwargs)
         try:
             tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **tokenizer_kwargs)
@@ -234,18 +233,33 @@ class _AutoMoEPruneModel:
     def from_model(cls, model: nn.Module, tokenizer: Any = None) -> MoEPruneModel:
         return MoEPruneModel(model, tokenizer)
 
-    @classmethod
-    def _model_class(cls, config: Any) -> type:
-        from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-        from .nonuniform import with_per_layer_experts
+def model_class_for_config(config: Any, task: str = "causal-lm") -> type:
+    """The transformers class that loads a checkpoint with `config`: the family's own Auto class, subclassed to
+    build each MoE layer with its recorded expert count when the hf_moeprune record is non-uniform."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-        auto = AutoModelForCausalLM if cls.task == "causal-lm" else AutoModelForSeq2SeqLM
-        base = auto._model_mapping[type(config)]
-        record = getattr(config, RECORD_KEY, None) or {}
-        if record.get("uniform", True):
-            return base
-        return with_per_layer_experts(base)
+    from .nonuniform import with_per_layer_experts
+
+    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSeq2SeqLM
+    base = auto._model_mapping[type(config)]
+    record = getattr(config, RECORD_KEY, None) or {}
+    if record.get("uniform", True):
+        return base
+    return with_per_layer_experts(base)
+
+
+def load_pretrained_model(path: str | os.PathLike, task: str = "causal-lm", **kwargs: Any) -> nn.Module:
+    """Any checkpoint as a plain transformers model, MoE or dense, per-layer expert counts honoured.
+
+    For evaluation and benchmarks, which need the model and not the pruning wrapper. `kwargs` go to
+    `from_pretrained` (`dtype`, `gguf_file`, `revision`, ...).
+    """
+    from transformers import AutoConfig
+
+    config_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "gguf_file") if k in kwargs}
+    config = AutoConfig.from_pretrained(path, **config_kwargs)
+    return model_class_for_config(config, task).from_pretrained(path, config=config, **kwargs)
 
 
 class AutoMoEPruneModelForCausalLM(_AutoMoEPruneModel):

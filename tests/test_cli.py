@@ -52,3 +52,18 @@ def test_merge_refuses_a_pruning_method_and_writes_nothing(tmp_path):
     else:
         raise AssertionError("merge accepted a pruning method")
     assert not (tmp_path / "out").exists()
+
+
+def test_eval_loads_a_non_uniform_checkpoint(tmp_path, tiny_tokenizer, capsys):
+    """The harness must read checkpoints whose layers keep different expert counts, as saved by STUN."""
+    from hf_moeprune import AutoMoEPruneModelForCausalLM, LayerPlan, ReductionPlan
+
+    model = AutoMoEPruneModelForCausalLM.from_model(build_tiny_model("mixtral"), tiny_tokenizer)
+    layers = model.moe_layers()
+    model.apply_plan(ReductionPlan({layers[0].path: LayerPlan.keep([0, 1, 2]), layers[1].path: LayerPlan.keep([3, 4])}))
+    folder = model.save_pretrained(tmp_path / "nonuniform")
+    capsys.readouterr()
+    assert main(["eval", "--model", str(folder), "--tasks", "ppl", "--limit", "2", "--no-progress"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    overall = next(row for row in rows if row["task"] == "ppl")
+    assert overall["metric"] == "perplexity" and overall["value"] > 1 and overall["n"] == 2

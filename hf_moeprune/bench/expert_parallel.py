@@ -236,22 +236,11 @@ class LoadedModel:
     note: str = ""
 
 
-def is_nonuniform(model_path: str) -> bool:
-    moeprune = read_moeprune_layers(model_path)
-    return moeprune is not None and not moeprune.get("uniform", True)
-
-
 def load_pretrained(model_path: str, **kwargs) -> nn.Module:
-    """The transformers model of a checkpoint. Non-uniform hf_moeprune checkpoints (expert counts differing per
-    layer) load through `AutoMoEPruneModelForCausalLM`, whose wrapper is unwrapped; the rest through
-    `AutoModelForCausalLM`."""
-    if is_nonuniform(model_path):
-        from hf_moeprune import AutoMoEPruneModelForCausalLM
+    """The transformers model of a checkpoint, non-uniform hf_moeprune results included."""
+    from hf_moeprune.modeling import load_pretrained_model
 
-        return AutoMoEPruneModelForCausalLM.from_pretrained(model_path, **kwargs).model
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    return load_pretrained_model(model_path, **kwargs)
 
 
 def transformers_ep_refusal(model_path: str, world_size: int) -> str | None:

@@ -99,9 +99,9 @@ def make_inputs(args: BenchArgs, model_path: str, vocab_size: int) -> torch.Tens
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model_path)
-        from .sweep import read_texts
+        from ..calibration import read_text_file
 
-        ids = tokenizer("\n\n".join(read_texts(args.text)), return_tensors="pt").input_ids[0]
+        ids = tokenizer("\n\n".join(read_text_file(args.text)), return_tensors="pt").input_ids[0]
         need = args.batch_size * args.seq_len
         if ids.numel() < need:
             ids = ids.repeat(need // ids.numel() + 1)

@@ -23,21 +23,10 @@ import time
 
 import torch
 
+from ..calibration import read_text_file
 from .cli import add_bench_arguments, bench_args_from, spawn_launches
 from .plot import plot_benchmark, plot_sweep
 from .report import summary_table
-
-
-def read_texts(path: str) -> list[str]:
-    """Texts of a file: one per line, or the `text` field of each record of a `.jsonl` / `.jsonl.gz` file."""
-    import gzip
-
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt") as handle:
-        lines = [line.strip() for line in handle if line.strip()]
-    if path.endswith((".jsonl", ".jsonl.gz")):
-        return [json.loads(line)["text"] for line in lines]
-    return lines
 
 
 def token_ids(model_path: str, text_file: str | None, vocab_size: int, count: int, seq_len: int, seed: int):
@@ -47,7 +36,7 @@ def token_ids(model_path: str, text_file: str | None, vocab_size: int, count: in
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model_path)
-        ids = tokenizer("\n\n".join(read_texts(text_file)), return_tensors="pt").input_ids[0]
+        ids = tokenizer("\n\n".join(read_text_file(text_file)), return_tensors="pt").input_ids[0]
         usable = (ids.numel() // seq_len) * seq_len
         if usable == 0:
             raise ValueError(f"{text_file} holds fewer than {seq_len} tokens")
@@ -57,8 +46,8 @@ def token_ids(model_path: str, text_file: str | None, vocab_size: int, count: in
 
 
 @torch.no_grad()
-def perplexity(model, ids: torch.Tensor, batch_size: int = 8) -> float:
-    """exp(mean next-token negative log-likelihood) over the rows of `ids`."""
+def random_ids_perplexity(model, ids: torch.Tensor, batch_size: int = 8) -> float:
+    """exp(mean next-token NLL) over rows of token ids: ranks models on random ids when no text is given."""
     total, count = 0.0, 0
     for start in range(0, ids.shape[0], batch_size):
         batch = ids[start : start + batch_size]
@@ -71,11 +60,19 @@ def perplexity(model, ids: torch.Tensor, batch_size: int = 8) -> float:
     return math.exp(total / count)
 
 
-def evaluate_perplexity(model_path: str, ids: torch.Tensor) -> float:
+def evaluate_quality(model_path: str, eval_texts: list[str] | None, eval_ids: torch.Tensor, window: int) -> float:
+    """Held-out perplexity through the evaluation harness, or on random ids when there is no text."""
     from .expert_parallel import load_pretrained
 
     model = load_pretrained(model_path, dtype=torch.float32).eval()
-    return perplexity(model, ids)
+    if eval_texts is None:
+        return random_ids_perplexity(model, eval_ids)
+    from transformers import AutoTokenizer
+
+    from ..evaluate import perplexity
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    return perplexity(model, tokenizer, eval_texts, window=window, progress=False)["overall"]["perplexity"]
 
 
 def prune_to(base: str, experts: int, out_dir: str, method: str, calibration, seed: int) -> str:
@@ -106,12 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--method", default="frequency", help="Registered pruning method (MoEPruneConfig.method)."
     )
-    parser.add_argument("--calibration", default=None, help="Calibration text file (one text per line).")
+    parser.add_argument("--calibration", default=None, help="Calibration .txt (blank-line separated) or .jsonl.")
     parser.add_argument(
         "--calibration-samples", type=int, default=64, help="Random calibration rows without a file."
     )
     parser.add_argument(
-        "--eval-text", default=None, help="Held-out text for perplexity (random ids without it)."
+        "--eval-text", default=None, help="Held-out .txt or .jsonl scored by hf_moeprune.evaluate (random ids without it)."
     )
     parser.add_argument(
         "--eval-sequences", type=int, default=32, help="Held-out sequences of --seq-len tokens."
@@ -130,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
     vocab = AutoConfig.from_pretrained(args.model).get_text_config().vocab_size
     calibration = (
-        read_texts(namespace.calibration)
+        read_text_file(namespace.calibration)
         if namespace.calibration
         else token_ids(args.model, None, vocab, namespace.calibration_samples, args.seq_len, args.seed + 1)
     )
@@ -138,12 +135,11 @@ def main(argv: list[str] | None = None) -> int:
         prune_to(args.model, n, namespace.output_dir, namespace.method, calibration, args.seed)
         for n in sorted(set(namespace.experts), reverse=True)
     ]
-    eval_ids = token_ids(
-        args.model, namespace.eval_text, vocab, namespace.eval_sequences, args.seq_len, args.seed + 2
-    )
+    eval_texts = read_text_file(namespace.eval_text) if namespace.eval_text else None
+    eval_ids = token_ids(args.model, None, vocab, namespace.eval_sequences, args.seq_len, args.seed + 2)
     quality = {}
     for path in [args.model, *reduced]:
-        quality[path] = evaluate_perplexity(path, eval_ids)
+        quality[path] = evaluate_quality(path, eval_texts, eval_ids, args.seq_len)
         print(f"[sweep] perplexity {path}: {quality[path]:.3f}", file=sys.stderr, flush=True)
 
     args = dataclasses.replace(args, compare=reduced)

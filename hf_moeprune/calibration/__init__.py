@@ -1,6 +1,6 @@
 """Calibration: packing user data into batches and collecting per-layer routing statistics."""
 
-from .data import CalibrationData, prepare_calibration
+from .data import CalibrationData, prepare_calibration, read_text_file
 from .statistics import LayerStatistics, StatisticsCollector, collect_statistics, run_calibration
 
 __all__ = [
@@ -9,5 +9,6 @@ __all__ = [
     "StatisticsCollector",
     "collect_statistics",
     "prepare_calibration",
+    "read_text_file",
     "run_calibration",
 ]

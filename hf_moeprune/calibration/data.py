@@ -6,8 +6,11 @@ padding and every token counts in the statistics (the packing Wanda and SparseGP
 
 from __future__ import annotations
 
+import gzip
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -69,6 +72,16 @@ def prepare_calibration(
         raise ValueError("The calibration set is empty: it holds no tokens.")
     batches = [sequences[i : i + batch_size] for i in range(0, sequences.shape[0], batch_size)]
     return CalibrationData(batches=batches, description=what)
+
+
+def read_text_file(path: str | Path) -> list[str]:
+    """Documents of a text file: `.txt` separated by blank lines, or `.jsonl` / `.jsonl.gz` with a `text` field."""
+    file = Path(path)
+    if file.name.endswith((".jsonl", ".jsonl.gz")):
+        opener = gzip.open if file.name.endswith(".gz") else open
+        with opener(file, "rt", encoding="utf-8") as handle:
+            return [json.loads(line)["text"] for line in handle if line.strip()]
+    return [block.strip() for block in file.read_text(encoding="utf-8").split("\n\n") if block.strip()]
 
 
 def _token_rows(calibration: Any, tokenizer: Any, text_column: str) -> list[torch.Tensor]:

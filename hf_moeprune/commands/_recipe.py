@@ -53,12 +53,11 @@ def recipe_from_args(args: argparse.Namespace):
 
 def read_texts(path: str) -> list[str]:
     """Documents of a .txt (separated by blank lines) or .jsonl (one {"text": ...} per line) file."""
-    file = Path(path)
-    if not file.exists():
+    from ..calibration import read_text_file
+
+    if not Path(path).exists():
         raise SystemExit(f"Calibration file not found: {path}")
-    if file.suffix == ".jsonl":
-        return [json.loads(line)["text"] for line in file.read_text().splitlines() if line.strip()]
-    return [block.strip() for block in file.read_text().split("\n\n") if block.strip()]
+    return read_text_file(path)
 
 
 def default_model() -> str:

@@ -49,8 +49,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    from hf_moeprune.modeling import load_pretrained_model
     from hf_moeprune.testbed import default_model_path
 
     if args.threads:
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     extra = {"gguf_file": args.gguf_file} if args.gguf_file else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype), **extra)
+        model = load_pretrained_model(folder, dtype=getattr(torch, args.dtype), **extra)
     except (OSError, ValueError) as error:
         print(f"hf-moeprune eval: error: cannot load {folder}: {error}", file=sys.stderr)
         return 1

@@ -21,12 +21,10 @@ def describe(model_path: str) -> dict[str, Any]:
     from transformers import AutoConfig
 
     from ..families import family_for_model_type
-    from ..modeling import AutoMoEPruneModelForCausalLM, AutoMoEPruneModelForSeq2SeqLM, MoEPruneModel
+    from ..modeling import MoEPruneModel, model_class_for_config
 
     config = AutoConfig.from_pretrained(model_path)
-    family = family_for_model_type(config.model_type)
-    auto = AutoMoEPruneModelForSeq2SeqLM if family.task == "seq2seq-lm" else AutoMoEPruneModelForCausalLM
-    model_class = auto._model_class(config)
+    model_class = model_class_for_config(config, family_for_model_type(config.model_type).task)
     with torch.device("meta"):
         model = model_class._from_config(config)
     wrapped = MoEPruneModel(model)
