@@ -80,14 +80,42 @@ def validate_layer_plan(layer: MoELayer, plan: LayerPlan, top_k: int | None = No
             f"{layer.path}: {plan.num_experts} experts is below the router's top-k of {effective_top_k}; "
             "set MoEPruneConfig(top_k=...) to lower top-k as well."
         )
-    divisor_key = layer.spec.experts_divisible_by_key
-    if divisor_key:
-        divisor = getattr(_model_config_of(layer), divisor_key, None) or 1
-        if plan.num_experts % divisor:
-            raise ValueError(
-                f"{layer.path}: {plan.num_experts} experts is not divisible by {divisor_key}={divisor} "
-                "(grouped routing needs equal groups)."
-            )
+    groups_key = layer.spec.expert_groups_key
+    if groups_key:
+        validate_group_limited_plan(layer, plan, int(getattr(_model_config_of(layer), groups_key, None) or 1))
+
+
+def validate_group_limited_plan(layer: MoELayer, plan: LayerPlan, num_groups: int) -> None:
+    """Group-limited routing reads expert j of E' as a member of group `j // (E'/G)`: the plan must keep equal
+    counts per group, every merged expert inside one group and the new experts in group order, or tokens
+    would be routed through groups whose members moved."""
+    if num_groups <= 1:
+        return
+    group_size = layer.num_experts // num_groups
+    key = layer.spec.expert_groups_key
+    groups_of = [sorted({index // group_size for index in group}) for group in plan.groups]
+    crossing = [group for group, owners in zip(plan.groups, groups_of, strict=True) if len(owners) > 1]
+    if crossing:
+        raise ValueError(
+            f"{layer.path}: merged experts {crossing} span several expert groups ({key}={num_groups}, "
+            f"{group_size} experts each); merge only within a group."
+        )
+    owners = [owner[0] for owner in groups_of]
+    if owners != sorted(owners):
+        raise ValueError(f"{layer.path}: the plan reorders experts across groups ({key}={num_groups}); "
+                         "list new experts in group order.")
+    counts = [owners.count(g) for g in range(num_groups)]
+    if len(set(counts)) > 1:
+        listed = ", ".join(f"group {g}: {c}" for g, c in enumerate(counts))
+        raise ValueError(
+            f"{layer.path}: group-limited routing ({key}={num_groups}) needs the same number of experts in every "
+            f"group, the plan keeps {listed}; keep a multiple of {num_groups} experts spread evenly over the groups."
+        )
+    if counts[0] < 2:
+        raise ValueError(
+            f"{layer.path}: group-limited routing scores each group by its top-2 experts; keep at least 2 "
+            f"experts per group ({2 * num_groups} in this layer)."
+        )
 
 
 def _model_config_of(layer: MoELayer):

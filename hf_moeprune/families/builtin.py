@@ -64,7 +64,7 @@ BUILTIN_FAMILIES: tuple[FamilySpec, ...] = (
         top_k_key="num_experts_per_tok",
         router_tensors=("weight", "e_score_correction_bias"),
         never_pruned=("shared_experts",),
-        experts_divisible_by_key="n_group",
+        expert_groups_key="n_group",
     ),
     FamilySpec(
         name="gpt_oss",

@@ -65,7 +65,9 @@ class FamilySpec:
         num_experts_key: Config key of the routed-expert count.
         top_k_key: Config key of the number of experts per token (None for fixed top-1 routers).
         never_pruned: Block children that are not routed experts (shared experts); kept as they are.
-        experts_divisible_by_key: Config key whose value must divide the expert count (grouped routing).
+        expert_groups_key: Config key of the number of expert groups for group-limited routing (DeepSeek's
+            `n_group`): experts `[g*E/G, (g+1)*E/G)` form group g, so a plan must keep every new expert inside
+            one original group, in group order, with the same count in every group.
         task: `"causal-lm"` or `"seq2seq-lm"`, the Auto class that loads the family.
     """
 
@@ -82,6 +84,6 @@ class FamilySpec:
     expert_module_name: str = "expert_{}"
     routing_format: Literal["topk_index", "onehot_mask"] = "topk_index"
     never_pruned: tuple[str, ...] = ()
-    experts_divisible_by_key: str | None = None
+    expert_groups_key: str | None = None
     task: Literal["causal-lm", "seq2seq-lm"] = "causal-lm"
     extra: dict = field(default_factory=dict, compare=False)
