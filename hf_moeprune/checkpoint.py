@@ -261,7 +261,7 @@ def save_checkpoint(
     # through hf_moeprune, which registers them with the Auto classes.
     portable = base_class is not None
     if portable:
-        source, wrapper_name = remote_code_source(base_class, task)
+        remote_source, wrapper_name = remote_code_source(base_class, task)
 
     def write(folder: Path) -> None:
         setattr(config, RECORD_KEY, record)
@@ -275,7 +275,7 @@ def save_checkpoint(
             elif previous_auto_map is not None:
                 config.auto_map = previous_auto_map
         if not record["uniform"] and portable:
-            (folder / REMOTE_CODE_FILE).write_text(source)
+            (folder / REMOTE_CODE_FILE).write_text(remote_source)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         if extra_files is not None:
