@@ -7,9 +7,16 @@ entry, so `trust_remote_code=True` loads it where hf_moeprune is not installed.
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import glob
 import inspect
+import json
+import logging
 import os
+import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,6 +29,7 @@ from .moe_layers import MoELayer
 from .records import RECORD_KEY, is_uniform
 
 REMOTE_CODE_FILE = "modeling_moeprune.py"
+logger = logging.getLogger(__name__)
 AUTO_CLASS_BY_TASK = {"causal-lm": "AutoModelForCausalLM", "seq2seq-lm": "AutoModelForSeq2SeqLM"}
 
 
@@ -54,26 +62,171 @@ def remote_code_source(base_class: type, task: str) -> tuple[str, str]:
     ), wrapper_name
 
 
-def atomic_directory(output_dir: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Run `write(tmp)` into a fresh sibling folder, then rename it into place.
+STAGING_TAG = "moeprune-staging"
+OLD_TAG = "moeprune-old"
+_LEFTOVER = re.compile(rf"\.(?P<name>.+)\.(?P<kind>{STAGING_TAG}|{OLD_TAG})-(?P<pid>\d+)(?:-[^.]*)?")
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+OVERWRITE_HINT = "choose a new folder or pass --overwrite / overwrite=True"
 
-    An exception (or interrupt) while writing removes the temporary folder and leaves `output_dir` as it
-    was: there is never a half-written checkpoint at the destination.
+
+def check_output_dir(
+    path: str | os.PathLike, *, overwrite: bool = False, source: str | os.PathLike | None = None
+) -> Path:
+    """Refuse a destination whose replacement could destroy data the user did not ask to lose.
+
+    Called before any expensive work (the CLI calls it before loading the model) and again before
+    writing. An absent or empty folder is always fine; a non-empty one only with `overwrite` and only if
+    it is an earlier hf_moeprune checkpoint. The source model, the current directory, its parents and
+    files are never replaced. Returns the resolved destination.
     """
-    output = Path(output_dir).resolve()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    output = Path(path).expanduser().resolve()
+    for ancestor in (output, *output.parents):
+        if ancestor.exists() and not ancestor.is_dir():
+            raise FileExistsError(f"Output {path} cannot be a folder: {ancestor} is a file; choose a folder path.")
+        if ancestor.exists():
+            break
+    cwd = Path.cwd().resolve()
+    if output == cwd or output in cwd.parents:
+        raise ValueError(
+            f"Refusing to write into {output}: it is the current directory or a parent of it; choose a new folder."
+        )
+    source_dir = _local_folder(source)
+    if source_dir is not None and (output == source_dir or output in source_dir.parents):
+        raise ValueError(
+            f"Refusing to write into {output}: the model was loaded from {source_dir}; choose a new folder."
+        )
+    if not output.exists() or not any(output.iterdir()):
+        return output
+    if not overwrite:
+        raise FileExistsError(f"Output folder {output} exists and is not empty; {OVERWRITE_HINT}.")
+    if not is_moeprune_checkpoint(output):
+        raise ValueError(
+            f"Refusing to replace {output}: it is not an hf_moeprune checkpoint (no {RECORD_KEY!r} record in "
+            "config.json), so overwrite=True does not apply; choose a new folder."
+        )
+    return output
+
+
+def is_moeprune_checkpoint(folder: Path) -> bool:
+    """True for a folder whose config.json carries the hf_moeprune record (what `overwrite` may replace)."""
     try:
-        write(tmp)
-        if output.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-            os.replace(output, backup / output.name)
-            os.replace(tmp, output)
-            shutil.rmtree(backup, ignore_errors=True)
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and isinstance(config.get(RECORD_KEY), dict)
+
+
+def _local_folder(source: str | os.PathLike | None) -> Path | None:
+    """The resolved folder a model was loaded from, or None for a Hub id or an in-memory model."""
+    if not source or not Path(source).expanduser().is_dir():
+        return None
+    return Path(source).expanduser().resolve()
+
+
+def reclaim_leftovers(output: Path) -> None:
+    """Remove the staging and old-copy folders that killed saves to `output` left beside it.
+
+    A folder whose process is still alive is reported, not touched. A dead save's old copy is restored when
+    the destination is missing: the save died between the two renames of the fallback swap.
+    """
+    for folder in sorted(output.parent.glob(f".{glob.escape(output.name)}.moeprune-*")):
+        match = _LEFTOVER.fullmatch(folder.name)
+        if match is None or match["name"] != output.name or not folder.is_dir():
+            continue
+        pid = int(match["pid"])
+        if pid == os.getpid() or _process_alive(pid):
+            logger.warning("Leaving %s in place: process %d that wrote it is still running.", folder, pid)
+        elif match["kind"] == OLD_TAG and not output.exists():
+            os.replace(folder, output)
+            logger.warning("Restored %s from %s, left by an interrupted save (process %d).", output, folder, pid)
         else:
-            os.replace(tmp, output)
+            shutil.rmtree(folder)
+            logger.warning("Removed %s, left by an interrupted save (process %d).", folder, pid)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _renameat2() -> Callable[..., int] | None:
+    """libc's renameat2 (glibc >= 2.28, Linux >= 3.15), or None where this platform has none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step; False where libc, kernel or filesystem cannot."""
+    renameat2 = _renameat2()
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def _replace_folder(staging: Path, output: Path) -> None:
+    """Put `staging` at `output` so that one of the two complete checkpoints is always there."""
+    if not output.exists() or not any(output.iterdir()):
+        os.replace(staging, output)  # an empty folder is replaced by one rename
+        return
+    if _exchange(staging, output):
+        shutil.rmtree(staging)  # now holds the old checkpoint
+        return
+    # No renameat2 (not Linux, old glibc, or a filesystem without RENAME_EXCHANGE): two renames, with a
+    # moment where only the old copy exists, under a name `reclaim_leftovers` restores after a crash.
+    old = output.parent / staging.name.replace(STAGING_TAG, OLD_TAG, 1)
+    os.replace(output, old)
+    os.replace(staging, output)
+    shutil.rmtree(old)
+
+
+def atomic_directory(
+    output_dir: str | os.PathLike,
+    write: Callable[[Path], None],
+    *,
+    overwrite: bool = False,
+    source: str | os.PathLike | None = None,
+) -> Path:
+    """Run `write(staging)` into a fresh sibling folder, then swap it into place.
+
+    The destination is checked first (see `check_output_dir`). An exception (or interrupt) while writing
+    removes the staging folder and leaves `output_dir` as it was; a kill -9 leaves a
+    `.NAME.moeprune-staging-PID-*` folder that the next save to the same destination removes.
+    """
+    output = check_output_dir(output_dir, overwrite=overwrite, source=source)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    reclaim_leftovers(output)
+    output = check_output_dir(output_dir, overwrite=overwrite, source=source)  # a restored old copy counts
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.{STAGING_TAG}-{os.getpid()}-", dir=output.parent))
+    try:
+        staging.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; transformers' folders follow the umask
+        write(staging)
+        _replace_folder(staging, output)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
         raise
     return output
 
@@ -87,9 +240,14 @@ def save_checkpoint(
     tokenizer: Any = None,
     task: str = "causal-lm",
     extra_files: Callable[[Path], None] | None = None,
+    overwrite: bool = False,
+    source: str | os.PathLike | None = None,
     **save_kwargs: Any,
 ) -> Path:
-    """Save `model` with its record; non-uniform results get the per-layer loader. Returns the folder."""
+    """Save `model` with its record; non-uniform results get the per-layer loader. Returns the folder.
+
+    `overwrite` and `source` (the folder the model was loaded from) are as in `check_output_dir`.
+    """
     config = model.config
     record = dict(record)
     record["uniform"] = is_uniform(record)
@@ -103,7 +261,7 @@ def save_checkpoint(
     # through hf_moeprune, which registers them with the Auto classes.
     portable = base_class is not None
     if portable:
-        source, wrapper_name = remote_code_source(base_class, task)
+        remote_source, wrapper_name = remote_code_source(base_class, task)
 
     def write(folder: Path) -> None:
         setattr(config, RECORD_KEY, record)
@@ -117,13 +275,13 @@ def save_checkpoint(
             elif previous_auto_map is not None:
                 config.auto_map = previous_auto_map
         if not record["uniform"] and portable:
-            (folder / REMOTE_CODE_FILE).write_text(source)
+            (folder / REMOTE_CODE_FILE).write_text(remote_source)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
         if extra_files is not None:
             extra_files(folder)
 
-    return atomic_directory(output_dir, write)
+    return atomic_directory(output_dir, write, overwrite=overwrite, source=source)
 
 
 def _transformers_base(model_class: type) -> type | None:

@@ -141,8 +141,13 @@ class MoEPruneModel(nn.Module):
         if top_k is not None and self.spec.top_k_key:
             setattr(self.model.config, self.spec.top_k_key, top_k)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> Path:
-        """Write the checkpoint atomically (temporary folder renamed into place) with its model card."""
+    def save_pretrained(self, save_directory: str | os.PathLike, *, overwrite: bool = False, **kwargs: Any) -> Path:
+        """Write the checkpoint atomically (staging folder swapped into place) with its model card.
+
+        An existing non-empty folder is replaced only with `overwrite=True` and only if it is an earlier
+        hf_moeprune checkpoint; the folder the model was loaded from is never replaced (checked before
+        anything is written, see `checkpoint.check_output_dir`).
+        """
         setattr(self.model.config, RECORD_KEY, copy.deepcopy(self.record))
         return save_checkpoint(
             self.model,
@@ -151,7 +156,9 @@ class MoEPruneModel(nn.Module):
             save_directory,
             tokenizer=self.tokenizer,
             task=self.spec.task,
-            extra_files=lambda folder: _write_card(folder, Path(save_directory).name),
+            extra_files=lambda folder: _write_card(folder, Path(save_directory).resolve().name),
+            overwrite=overwrite,
+            source=getattr(self.model.config, "name_or_path", None),
             **kwargs,
         )
 

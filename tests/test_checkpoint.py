@@ -78,13 +78,13 @@ def test_interrupted_save_leaves_no_output_folder(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_save_over_existing_folder_replaces_it_whole(tmp_path, input_ids):
+def test_overwrite_replaces_an_earlier_checkpoint_whole(tmp_path, input_ids):
     model = AutoMoEPruneModelForCausalLM.from_model(build_tiny_model("mixtral"))
-    target = tmp_path / "out"
-    target.mkdir()
+    target = checkpoint.save_checkpoint(model.model, model.moe_layers(), model.record, tmp_path / "out")
     (target / "stale.bin").write_bytes(b"old")
-    checkpoint.save_checkpoint(model.model, model.moe_layers(), model.record, target)
+    checkpoint.save_checkpoint(model.model, model.moe_layers(), model.record, target, overwrite=True)
     assert not (target / "stale.bin").exists() and (target / "config.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging or old copy left beside it
 
 
 def test_adaptive_frequency_gives_non_uniform_counts_that_reload(tmp_path, input_ids):

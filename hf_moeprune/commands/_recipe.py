@@ -28,7 +28,9 @@ def add_recipe_arguments(parser: argparse.ArgumentParser, default_method: str) -
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-sequences", type=int, default=128)
-    parser.add_argument("--output", required=True, help="Folder for the reduced checkpoint.")
+    parser.add_argument("--output", required=True, help="Folder for the reduced checkpoint (new or empty).")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Replace --output if it holds an earlier hf_moeprune checkpoint (never other data).")
 
 
 def recipe_from_args(args: argparse.Namespace):
@@ -78,7 +80,13 @@ def run_recipe(args: argparse.Namespace, merge: bool) -> int:
     from ..families import family_for_model_type
     from ..modeling import AutoMoEPruneModelForCausalLM, AutoMoEPruneModelForSeq2SeqLM
 
+    from ..checkpoint import check_output_dir
+
     model_path = args.model or default_model()
+    try:  # before the model is loaded: a refused destination costs the user nothing
+        check_output_dir(args.output, overwrite=args.overwrite, source=model_path)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"hf-moeprune: error: {error}") from None
     config = recipe_from_args(args)
     family = family_for_model_type(AutoConfig.from_pretrained(model_path).model_type)
     auto = AutoMoEPruneModelForSeq2SeqLM if family.task == "seq2seq-lm" else AutoMoEPruneModelForCausalLM
@@ -92,7 +100,7 @@ def run_recipe(args: argparse.Namespace, merge: bool) -> int:
                    description=args.calibration or "hf_moeprune bundled calibration sample (BBC News + Shakespeare)")
     step = model.merge_experts if merge else model.prune_experts
     step(config, calibration=texts, **options)
-    folder = model.save_pretrained(args.output)
+    folder = model.save_pretrained(args.output, overwrite=args.overwrite)
     from .inspect import print_table
 
     print_table(model.record)

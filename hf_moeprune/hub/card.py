@@ -282,9 +282,10 @@ def _bench_view(
 
 
 def _final_folder_name(folder: Path) -> str:
-    """The folder's name, seen through the `.NAME.tmp-XXXX` staging folder `save_pretrained` writes into."""
+    """The folder's name, seen through the `.NAME.moeprune-staging-PID-XXXX` folder `save_pretrained` writes
+    into (`.NAME.tmp-XXXX` in earlier versions)."""
     name = folder.resolve().name
-    match = re.fullmatch(r"\.(.+)\.tmp-[^.]+", name)
+    match = re.fullmatch(r"\.(.+)\.(?:tmp|moeprune-staging)-[^.]+", name)
     return match.group(1) if match else name
 
 
