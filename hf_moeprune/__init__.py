@@ -4,34 +4,61 @@
     >>> model = AutoMoEPruneModelForCausalLM.from_pretrained("path/to/mixtral-like")
     >>> model.prune_experts(MoEPruneConfig(method="frequency", experts_per_layer=4), calibration=texts)
     >>> model.save_pretrained("out/")
+
+The public names load lazily (PEP 562) so `hf-moeprune --help` does not import torch or transformers.
+The Arctic model is registered with transformers' Auto classes on first use of any public name, when
+`hf_moeprune.modeling` is imported, and at once if transformers is already loaded when this package is.
 """
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
 
 __version__ = "0.1.0"
 
-from .config import MoEPruneConfig  # noqa: E402
-from .families import ExpertTensor, FamilySpec, register_family  # noqa: E402
-from .methods import ExpertMethod, register_method, registered_methods  # noqa: E402
-from .modeling import (  # noqa: E402
-    AutoMoEPruneModelForCausalLM,
-    AutoMoEPruneModelForSeq2SeqLM,
-    MoEPruneModel,
-)
-from .models import register_models  # noqa: E402
-from .surgery import LayerPlan, ReductionPlan  # noqa: E402
+# public name -> submodule that defines it
+_LAZY = {
+    "MoEPruneConfig": "config",
+    "ExpertTensor": "families",
+    "FamilySpec": "families",
+    "register_family": "families",
+    "ExpertMethod": "methods",
+    "register_method": "methods",
+    "registered_methods": "methods",
+    "AutoMoEPruneModelForCausalLM": "modeling",
+    "AutoMoEPruneModelForSeq2SeqLM": "modeling",
+    "MoEPruneModel": "modeling",
+    "register_models": "models",
+    "LayerPlan": "surgery",
+    "ReductionPlan": "surgery",
+}
 
-register_models()
+__all__ = sorted(_LAZY)
 
-__all__ = [
-    "AutoMoEPruneModelForCausalLM",
-    "AutoMoEPruneModelForSeq2SeqLM",
-    "ExpertMethod",
-    "ExpertTensor",
-    "FamilySpec",
-    "LayerPlan",
-    "MoEPruneConfig",
-    "MoEPruneModel",
-    "ReductionPlan",
-    "register_family",
-    "register_method",
-    "registered_methods",
-]
+
+def __getattr__(name: str) -> Any:
+    """Import the submodule behind a public name on first access (and register Arctic with transformers)."""
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    _register_models()
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+def _register_models() -> None:
+    """Register Arctic with the Auto classes (idempotent): anyone using the model-facing API gets it loaded."""
+    from .models import register_models
+
+    register_models()
+
+
+# A user who already imported transformers expects `import hf_moeprune` to make Arctic loadable right away.
+if "transformers" in sys.modules:
+    _register_models()

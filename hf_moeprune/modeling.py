@@ -21,6 +21,7 @@ from .config import MoEPruneConfig
 from .families import FamilySpec, family_for_model
 from .families.registry import registered_families_by_type
 from .methods import MethodContext, get_method
+from .models import register_models
 from .moe_layers import MoELayer, find_moe_layers
 from .records import RECORD_KEY, compose_layer, count_parameters, initial_record, is_uniform
 from .surgery import ReductionPlan, apply_plan
@@ -279,3 +280,7 @@ class AutoMoEPruneModelForSeq2SeqLM(_AutoMoEPruneModel):
     """`AutoMoEPruneModelForSeq2SeqLM.from_pretrained(path)` for encoder-decoder MoE families (Switch)."""
 
     task = "seq2seq-lm"
+
+
+# Whoever loads models through this module can also load Arctic checkpoints with transformers' Auto classes.
+register_models()
