@@ -77,10 +77,9 @@ def default_calibration() -> list[str]:
 def run_recipe(args: argparse.Namespace, merge: bool) -> int:
     from transformers import AutoConfig
 
+    from ..checkpoint import check_output_dir
     from ..families import family_for_model_type
     from ..modeling import AutoMoEPruneModelForCausalLM, AutoMoEPruneModelForSeq2SeqLM
-
-    from ..checkpoint import check_output_dir
 
     model_path = args.model or default_model()
     try:  # before the model is loaded: a refused destination costs the user nothing
