@@ -10,7 +10,7 @@ import argparse
 import importlib
 from types import ModuleType
 
-COMMAND_MODULES = ("inspect", "prune", "merge", "eval", "push")
+COMMAND_MODULES = ("inspect", "prune", "merge", "eval", "push", "methods")
 
 
 def load_commands() -> list[ModuleType]:
@@ -26,7 +26,10 @@ def load_commands() -> list[ModuleType]:
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
+    from .. import __version__
+
     parser = argparse.ArgumentParser(prog=prog, description="Prune and merge the experts of MoE models.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for module in load_commands():
         sub = subparsers.add_parser(module.NAME, help=module.HELP, description=module.HELP)
