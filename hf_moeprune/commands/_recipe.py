@@ -124,9 +124,8 @@ def run_recipe(args: argparse.Namespace, merge: bool) -> int:
     from transformers import AutoConfig
 
     from ..families import family_for_model_type
-    from ..modeling import AutoMoEPruneModelForCausalLM, AutoMoEPruneModelForSeq2SeqLM
-
     from ..methods import get_method
+    from ..modeling import AutoMoEPruneModelForCausalLM, AutoMoEPruneModelForSeq2SeqLM
 
     check_recipe_arguments(args, merge)
     config = _with_cli_names(recipe_from_args, args)

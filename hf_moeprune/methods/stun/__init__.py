@@ -55,7 +55,6 @@ from ..targets import check_layer_count, effective_top_k, total_budget, uniform_
 from ..unstructured import options_from_config, unstructured_prune_
 from ..wanda import OWLOptions
 
-
 # ---------------------------------------------------------------------------------------------- distance
 
 
