@@ -73,6 +73,18 @@ class MoEPruneConfig:
         ]
         if len(targets) > 1:
             raise ValueError(f"Give one expert target, not several: {targets}.")
+        for name in ("experts_per_layer", "num_experts_total", "top_k", "seed"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{name} must be a whole number, got {value!r}.")
+        for name in ("expert_sparsity", "weight_sparsity"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"{name} must be a number in [0, 1), got {value!r}.")
+        if not isinstance(self.adaptive, bool):
+            raise ValueError(f"adaptive must be True or False, got {self.adaptive!r}.")
+        if not isinstance(self.method_options, dict):
+            raise ValueError(f"method_options must be a dict, got {type(self.method_options).__name__}.")
         if self.experts_per_layer is not None and self.experts_per_layer < 1:
             raise ValueError(f"experts_per_layer must be >= 1, got {self.experts_per_layer}.")
         if self.num_experts_total is not None and self.num_experts_total < 1:

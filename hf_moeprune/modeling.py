@@ -101,7 +101,8 @@ class MoEPruneModel(nn.Module):
         method.validate(layers)
         data = None
         if method.needs_calibration:
-            data = prepare_calibration(calibration, tokenizer or self.tokenizer, **calibration_options)
+            options = {"vocab_size": getattr(self.model.config, "vocab_size", None), **calibration_options}
+            data = prepare_calibration(calibration, tokenizer or self.tokenizer, **options)
         context = MethodContext(model=self.model, layers=layers, spec=self.spec, config=config, calibration=data)
         result = method.run(context)
         if result.plan is not None:

@@ -44,17 +44,33 @@ def prepare_calibration(
     max_sequences: int | None = 128,
     text_column: str = "text",
     description: str | None = None,
+    vocab_size: int | None = None,
 ) -> CalibrationData:
     """Accept a list of strings (with `tokenizer`), a `datasets.Dataset` with a text column, a 2-D tensor of
     token ids or a list of 1-D/2-D token tensors; return packed batches.
 
+    A single string must name a calibration file (read with `read_text_file`); token ids must be integers in
+    `[0, vocab_size)` when `vocab_size` is given.
+
     Raises:
-        ValueError: the set is empty, has no usable tokens, or strings come without a tokenizer.
+        ValueError: the set is empty, has no usable tokens, has bad token ids, or strings come without a tokenizer.
     """
     if isinstance(calibration, CalibrationData):
         return calibration
     if calibration is None:
         raise ValueError("This method needs calibration data: pass calibration=list of texts, a Dataset or token ids.")
+    for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("max_sequences", max_sequences)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a whole number >= 1, got {value!r}.")
+    if isinstance(calibration, (str, Path)):
+        if not Path(calibration).is_file():
+            raise ValueError(
+                f"calibration={str(calibration)!r} is a string that names no file; pass a list of texts "
+                "(calibration=[text, ...]) or the path of an existing .txt / .jsonl file."
+            )
+        description = description or str(calibration)
+        calibration = read_text_file(calibration)
+    _check_token_ids(calibration, vocab_size)
     rows = _token_rows(calibration, tokenizer, text_column)
     what = description or _describe(calibration)
     if isinstance(calibration, torch.Tensor) and calibration.dim() == 2:
@@ -74,14 +90,64 @@ def prepare_calibration(
     return CalibrationData(batches=batches, description=what)
 
 
-def read_text_file(path: str | Path) -> list[str]:
-    """Documents of a text file: `.txt` separated by blank lines, or `.jsonl` / `.jsonl.gz` with a `text` field."""
+def read_text_file(path: str | Path, field: str = "text") -> list[str]:
+    """Documents of a text file: `.txt` separated by blank lines, or `.jsonl` / `.jsonl.gz` with a `text` field.
+
+    Raises:
+        ValueError: naming the file and line of undecodable bytes, malformed JSON or a record without `field`.
+    """
     file = Path(path)
+    opener = gzip.open if file.name.endswith(".gz") else open
+    with opener(file, "rb") as handle:
+        raw = handle.read()
+    lines = raw.split(b"\n")
+    text_lines = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            text_lines.append(line.decode("utf-8"))
+        except UnicodeDecodeError as error:
+            raise ValueError(
+                f"{file}, line {number}: not UTF-8 text (byte {line[error.start]:#04x} at column {error.start + 1}); "
+                "calibration files must be UTF-8 .txt or .jsonl."
+            ) from None
     if file.name.endswith((".jsonl", ".jsonl.gz")):
-        opener = gzip.open if file.name.endswith(".gz") else open
-        with opener(file, "rt", encoding="utf-8") as handle:
-            return [json.loads(line)["text"] for line in handle if line.strip()]
-    return [block.strip() for block in file.read_text(encoding="utf-8").split("\n\n") if block.strip()]
+        documents = []
+        for number, line in enumerate(text_lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{file}, line {number}: malformed JSON ({error.msg}, column {error.colno}).") from None
+            if not isinstance(record, dict) or field not in record:
+                found = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise ValueError(f"{file}, line {number}: no {field!r} field (found: {found}).")
+            if not isinstance(record[field], str):
+                raise ValueError(f"{file}, line {number}: the {field!r} field is not a string.")
+            documents.append(record[field])
+        return documents
+    text = "\n".join(text_lines)
+    return [block.strip() for block in text.split("\n\n") if block.strip()]
+
+
+def _check_token_ids(calibration: Any, vocab_size: int | None) -> None:
+    """Token tensors must hold integer ids inside the vocabulary; floats are refused, not cast."""
+    if isinstance(calibration, torch.Tensor):
+        tensors = [calibration]
+    elif isinstance(calibration, (list, tuple)) and calibration and all(isinstance(t, torch.Tensor) for t in calibration):
+        tensors = list(calibration)
+    else:
+        return
+    for tensor in tensors:
+        if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+            raise ValueError(f"Calibration token ids must be an integer tensor, got dtype {tensor.dtype}.")
+        if tensor.numel() == 0:
+            continue
+        low, high = int(tensor.min()), int(tensor.max())
+        if low < 0:
+            raise ValueError(f"Calibration token ids must be >= 0, found {low}.")
+        if vocab_size is not None and high >= vocab_size:
+            raise ValueError(f"Calibration token id {high} is outside the model's vocabulary of {vocab_size} tokens.")
 
 
 def _token_rows(calibration: Any, tokenizer: Any, text_column: str) -> list[torch.Tensor]:
@@ -91,8 +157,6 @@ def _token_rows(calibration: Any, tokenizer: Any, text_column: str) -> list[torc
         if text_column not in calibration.column_names:
             raise ValueError(f"The calibration dataset has no {text_column!r} column (columns: {calibration.column_names}).")
         calibration = list(calibration[text_column])
-    if isinstance(calibration, str):
-        calibration = [calibration]
     if not isinstance(calibration, Sequence) or len(calibration) == 0:
         raise ValueError("The calibration set is empty.")
     if all(isinstance(item, torch.Tensor) for item in calibration):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +41,12 @@ def recipe_from_args(args: argparse.Namespace):
     for item in args.option:
         key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"--option expects KEY=VALUE, got {item!r}")
+            raise ValueError(f"--option expects KEY=VALUE, got {item!r}.")
         try:
             options[key] = json.loads(value)
         except json.JSONDecodeError:
             options[key] = value
-    nm = tuple(int(v) for v in args.nm.split(":")) if args.nm else None
+    nm = _parse_nm(args.nm) if args.nm else None
     return MoEPruneConfig(
         method=args.method, experts_per_layer=args.experts_per_layer, expert_sparsity=args.expert_sparsity,
         num_experts_total=args.num_experts_total, adaptive=args.adaptive, weight_sparsity=args.weight_sparsity,
@@ -53,13 +54,60 @@ def recipe_from_args(args: argparse.Namespace):
     )
 
 
+def _parse_nm(text: str) -> tuple[int, int]:
+    n, sep, m = text.partition(":")
+    if not sep or not n.strip().isdigit() or not m.strip().isdigit():
+        raise ValueError(f"--nm expects N:M with whole numbers, e.g. 2:4; got {text!r}.")
+    return int(n), int(m)
+
+
 def read_texts(path: str) -> list[str]:
     """Documents of a .txt (separated by blank lines) or .jsonl (one {"text": ...} per line) file."""
     from ..calibration import read_text_file
 
-    if not Path(path).exists():
-        raise SystemExit(f"Calibration file not found: {path}")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--calibration: no such file: {path}")
     return read_text_file(path)
+
+
+def looks_local(name: str) -> bool:
+    """True for what can only be a folder (a Hub id is `name` or `owner/name`, never `./x`, `/x` or `a/b/c`)."""
+    return (
+        name.startswith((".", "/", "~")) or os.sep in name.replace("/", "", 1) or name.count("/") > 1
+        or (os.altsep is not None and os.altsep in name)
+    )
+
+
+def check_model_path(name: str) -> None:
+    """A missing local folder is reported as such, before transformers tries the Hub with it."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise NotADirectoryError(f"--model {name}: is a file, not a checkpoint folder.")
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"--model {name}: the folder has no config.json, so it is not a checkpoint.")
+    elif looks_local(name):
+        raise FileNotFoundError(f"--model {name}: no such folder.")
+
+
+def check_recipe_arguments(args: argparse.Namespace, merge: bool) -> None:
+    """Everything that can be checked without the weights, in the CLI's own words."""
+    from ..methods import get_method
+
+    for flag in ("seq_len", "batch_size", "max_sequences"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {value}.")
+    try:
+        method_class = get_method(args.method)
+    except ValueError as error:
+        raise ValueError(str(error).replace("Registered methods", "Choose --method from")) from None
+    verb = "merge" if merge else "prune"
+    wanted = ("merge",) if merge else ("prune", "unstructured")
+    if method_class.kind not in wanted:
+        other = "merge" if method_class.kind == "merge" else "prune"
+        raise ValueError(f"--method {args.method} is a {method_class.kind} method, not a {verb} method: use "
+                         f"`hf-moeprune {other}`.")
 
 
 def default_model() -> str:
@@ -79,29 +127,51 @@ def run_recipe(args: argparse.Namespace, merge: bool) -> int:
 
     from ..checkpoint import check_output_dir
     from ..families import family_for_model_type
+    from ..methods import get_method
     from ..modeling import AutoMoEPruneModelForCausalLM, AutoMoEPruneModelForSeq2SeqLM
 
+    check_recipe_arguments(args, merge)
+    config = _with_cli_names(recipe_from_args, args)
+    method = _with_cli_names(get_method(config.method), config)  # option errors here, before any weights
+    texts = None
+    if method.needs_calibration:
+        texts = read_texts(args.calibration) if args.calibration else default_calibration()
     model_path = args.model or default_model()
+    check_model_path(model_path)
     try:  # before the model is loaded: a refused destination costs the user nothing
         check_output_dir(args.output, overwrite=args.overwrite, source=model_path)
     except (OSError, ValueError) as error:
         raise SystemExit(f"hf-moeprune: error: {error}") from None
-    config = recipe_from_args(args)
     family = family_for_model_type(AutoConfig.from_pretrained(model_path).model_type)
     auto = AutoMoEPruneModelForSeq2SeqLM if family.task == "seq2seq-lm" else AutoMoEPruneModelForCausalLM
     model = auto.from_pretrained(model_path)
-    from ..methods import get_method
-
-    texts = None
-    if get_method(config.method)(config).needs_calibration:
-        texts = read_texts(args.calibration) if args.calibration else default_calibration()
     options = dict(seq_len=args.seq_len, batch_size=args.batch_size, max_sequences=args.max_sequences,
                    description=args.calibration or "hf_moeprune bundled calibration sample (BBC News + Shakespeare)")
     step = model.merge_experts if merge else model.prune_experts
-    step(config, calibration=texts, **options)
+    _with_cli_names(step, config, calibration=texts, **options)
     folder = model.save_pretrained(args.output, overwrite=args.overwrite)
     from .inspect import print_table
 
     print_table(model.record)
     print(f"Saved {folder}")
     return 0
+
+
+_CLI_NAMES = {
+    "experts_per_layer": "--experts-per-layer", "expert_sparsity": "--expert-sparsity",
+    "num_experts_total": "--num-experts-total", "weight_sparsity": "--weight-sparsity", "top_k": "--top-k",
+    "nm_pattern": "--nm", "MoEPruneConfig(top_k=...)": "--top-k", "method_options": "--option",
+    "unstructured=": "--unstructured", "call merge_experts()": "use `hf-moeprune merge`",
+    "call prune_experts()": "use `hf-moeprune prune`",
+}
+
+
+def _with_cli_names(function, *args, **kwargs):
+    """Call `function`; a ValueError it raises is re-raised with the API's names replaced by the CLI flags."""
+    try:
+        return function(*args, **kwargs)
+    except ValueError as error:
+        message = str(error)
+        for api, cli in sorted(_CLI_NAMES.items(), key=lambda item: -len(item[0])):
+            message = message.replace(api, cli)
+        raise ValueError(message) from error

@@ -60,9 +60,15 @@ def run(args: argparse.Namespace) -> int:
     extra = {"gguf_file": args.gguf_file} if args.gguf_file else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
-        model = load_pretrained_model(folder, dtype=getattr(torch, args.dtype), **extra)
+        model, info = load_pretrained_model(
+            folder, dtype=getattr(torch, args.dtype), output_loading_info=True, **extra
+        )
     except (OSError, ValueError) as error:
         print(f"hf-moeprune eval: error: cannot load {folder}: {error}", file=sys.stderr)
+        return 1
+    problem = loading_problem(info)
+    if problem:  # transformers initialises such weights at random: any score would be meaningless
+        print(f"hf-moeprune eval: error: {folder} did not load cleanly: {problem}", file=sys.stderr)
         return 1
     model.eval()
     rows = evaluate_model(
@@ -81,3 +87,18 @@ def run(args: argparse.Namespace) -> int:
     if args.save_to_checkpoint or (inside and Path(args.output).name != EVAL_RESULTS_FILE):
         save_results(rows, folder / EVAL_RESULTS_FILE)
     return 0
+
+
+def loading_problem(info: dict) -> str | None:
+    """A sentence naming missing or mismatched weights in transformers' loading info, or None when clean."""
+    parts = []
+    missing = list(info.get("missing_keys") or [])
+    if missing:
+        parts.append(f"{len(missing)} weight(s) missing from the checkpoint (e.g. {missing[0]})")
+    mismatched = list(info.get("mismatched_keys") or [])
+    if mismatched:
+        first = mismatched[0][0] if isinstance(mismatched[0], (tuple, list)) else mismatched[0]
+        parts.append(f"{len(mismatched)} weight(s) with the wrong shape (e.g. {first})")
+    if not parts:
+        return None
+    return "; ".join(parts) + ". Check that config.json matches the weights."

@@ -17,6 +17,7 @@ from ..config import MoEPruneConfig
 from ..families import FamilySpec
 from ..moe_layers import MoELayer
 from ..surgery import ReductionPlan
+from .options import NoOptions, normalised, parse_options
 
 
 @dataclass
@@ -69,6 +70,10 @@ class ExpertMethod:
         needs_calibration: False for data-free methods, which then run without any forward pass. A method
             whose need depends on its config (STUN's router-weight variant) overrides it per instance; the
             wrapper reads it from the instance.
+        unstructured_phase: True for expert methods that also zero weights (STUN); the others refuse
+            `weight_sparsity` / `unstructured` / `nm_pattern` instead of silently dropping them.
+        Options: dataclass of the method's `method_options`; parsed into `self.opts` when the method is built,
+            so unknown keys and wrong types fail before any weights are read.
     """
 
     name: ClassVar[str]
@@ -76,9 +81,23 @@ class ExpertMethod:
     paper: ClassVar[str | None] = None
     kind: ClassVar[Literal["prune", "merge", "unstructured"]] = "prune"
     needs_calibration: ClassVar[bool] = True
+    unstructured_phase: ClassVar[bool] = False
+    Options: ClassVar[type | None] = NoOptions
 
     def __init__(self, config: MoEPruneConfig) -> None:
         self.config = config
+        asked = [
+            name for name in ("weight_sparsity", "unstructured", "nm_pattern") if getattr(config, name) is not None
+        ]
+        if asked and self.kind != "unstructured" and not self.unstructured_phase:
+            # refused rather than ignored: the card would otherwise claim weights were pruned
+            raise ValueError(
+                f"Method {self.name!r} has no unstructured phase, so {', '.join(asked)} cannot be honoured; "
+                "use method='stun' (experts, then weights) or run 'wanda'/'owl' as a second step."
+            )
+        if self.Options is not None:  # None: the method checks its own options (the merging pipeline)
+            self.opts = parse_options(self.Options, config.method_options, self.name)
+            config.method_options = normalised(self.opts, config.method_options)
 
     def validate(self, layers: list[MoELayer]) -> None:
         """Raise a ValueError before any calibration when the request cannot work on these layers."""

@@ -10,6 +10,7 @@ registered methods differ only in their default options; every option can be ove
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, ClassVar
 
@@ -23,6 +24,8 @@ from .adaptive import frequency_counts, redundancy_counts
 from .alignment import align_groups
 from .clustering import CLUSTERINGS, cluster_experts
 from .similarity import SIMILARITIES, expert_features, expert_similarity
+
+logger = logging.getLogger(__name__)
 
 OPTION_CHOICES: dict[str, tuple] = {
     "similarity": SIMILARITIES,
@@ -42,6 +45,7 @@ class ClusterMergeMethod(ExpertMethod):
     """Base of the cluster-and-merge methods (not registered itself). Subclasses set `defaults`."""
 
     kind = "merge"
+    Options = None  # options checked against OPTION_CHOICES in `validate`, with per-method defaults
     defaults: ClassVar[dict[str, Any]] = {
         "similarity": "router-logits",
         "clustering": "spectral",
@@ -164,7 +168,8 @@ class ClusterMergeMethod(ExpertMethod):
                 router_rows=options["router_rows"],
             )
             details["layers"][layer.path] = entry
-        details["alignment_seconds"] = round(align_seconds, 3)
+        # wall-clock time goes to the log, not the record: config.json must be identical for the same inputs
+        logger.info("%s: permutation alignment took %.3f s", self.name, align_seconds)
         return MethodResult(plan=plan, details=details)
 
 

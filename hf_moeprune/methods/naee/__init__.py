@@ -21,6 +21,7 @@ import copy
 import itertools
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -81,17 +82,29 @@ def _sample(chunks: list[torch.Tensor], max_tokens: int) -> torch.Tensor:
     return tokens.unsqueeze(0)
 
 
+@dataclass
+class NAEEOptions:
+    max_subsets: int = 10_000
+    max_tokens: int = 4096
+
+    def __post_init__(self) -> None:
+        for name in ("max_subsets", "max_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"option {name!r} of method 'naee' must be at least 1, got {getattr(self, name)}.")
+
+
 @register_method
 class NAEE(ExpertMethod):
     name = "naee"
     pretty_name = "NAEE (exhaustive expert-subset search)"
     paper = "https://arxiv.org/abs/2402.14800"
     kind = "prune"
+    Options = NAEEOptions
 
     def validate(self, layers: list[MoELayer]) -> None:
         super().validate(layers)
         counts = uniform_counts(layers, self.config)
-        limit = int(self.config.method_options.get("max_subsets", 10_000))
+        limit = self.opts.max_subsets
         for layer in layers:
             subsets = math.comb(layer.num_experts, counts[layer.path])
             if subsets > limit:
@@ -103,7 +116,7 @@ class NAEE(ExpertMethod):
 
     def run(self, context: MethodContext) -> MethodResult:
         counts = uniform_counts(context.layers, self.config)
-        max_tokens = int(self.config.method_options.get("max_tokens", 4096))
+        max_tokens = self.opts.max_tokens
         if context.calibration is None:
             raise ValueError("NAEE needs calibration data.")
         batches = context.calibration.batches

@@ -13,7 +13,7 @@ Example:
 from __future__ import annotations
 
 from ..registry import register_method
-from ..wanda import UnstructuredMethod
+from ..wanda import OWLOptions, UnstructuredMethod
 
 
 @register_method
@@ -22,3 +22,4 @@ class OWL(UnstructuredMethod):
     pretty_name = "OWL (outlier-weighted layer-wise sparsity)"
     paper = "https://arxiv.org/abs/2310.05175"
     algorithm = "owl"
+    Options = OWLOptions

@@ -19,6 +19,8 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ...surgery import LayerPlan, ReductionPlan
@@ -45,27 +47,40 @@ def super_experts(
     return {path: torch.nonzero(v.double() > threshold).flatten().tolist() for path, v in output_max.items()}
 
 
+@dataclass
+class REAPOptions:
+    protect_super_experts: bool = True
+    super_expert_quantile: float = 0.995
+    super_expert_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name in ("super_expert_quantile", "super_expert_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"option {name!r} of method 'reap' must be in [0, 1], got {getattr(self, name)}.")
+
+
 @register_method
 class REAP(ExpertMethod):
     name = "reap"
     pretty_name = "REAP (router-weighted expert activation pruning)"
     paper = "https://arxiv.org/abs/2510.13999"
     kind = "prune"
+    Options = REAPOptions
 
     def validate(self, layers) -> None:
         super().validate(layers)
         uniform_counts(layers, self.config)
 
     def run(self, context: MethodContext) -> MethodResult:
-        opts = self.config.method_options
+        opts = self.opts
         counts = uniform_counts(context.layers, self.config)
         statistics = context.statistics()
         protected = {layer.path: [] for layer in context.layers}
-        if opts.get("protect_super_experts", True):
+        if opts.protect_super_experts:
             protected = super_experts(
                 {layer.path: statistics[layer.path].output_max for layer in context.layers},
-                float(opts.get("super_expert_quantile", 0.995)),
-                float(opts.get("super_expert_fraction", 0.1)),
+                opts.super_expert_quantile,
+                opts.super_expert_fraction,
             )
         plan = ReductionPlan(top_k=self.config.top_k)
         scores_record, overflow = {}, []

@@ -40,7 +40,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -53,9 +53,7 @@ from ..base import ExpertMethod, MethodContext, MethodResult
 from ..registry import register_method
 from ..targets import check_layer_count, effective_top_k, total_budget, uniform_counts
 from ..unstructured import options_from_config, unstructured_prune_
-
-DISTANCES = ("router", "coactivation", "mix")
-
+from ..wanda import OWLOptions
 
 # ---------------------------------------------------------------------------------------------- distance
 
@@ -170,22 +168,38 @@ def expert_features(layer: MoELayer) -> torch.Tensor:
 # -------------------------------------------------------------------------------------------------- method
 
 
+@dataclass
+class STUNOptions(OWLOptions):
+    distance: Literal["router", "coactivation", "mix"] = "router"
+    mix_alpha: float = 0.5
+    normalize: bool = True
+    representative: Literal["centroid", "router"] = "centroid"
+    average_clusters_up_to: int = 0
+    uniform: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.mix_alpha <= 1.0:
+            raise ValueError(f"STUN mix_alpha must be in [0, 1], got {self.mix_alpha}.")
+
+
 @register_method
 class STUN(ExpertMethod):
     name = "stun"
     pretty_name = "STUN (structured-then-unstructured pruning)"
     paper = "https://arxiv.org/abs/2409.06211"
     kind = "prune"
+    unstructured_phase = True
+    Options = STUNOptions
 
     def __init__(self, config) -> None:
         super().__init__(config)
-        opts = config.method_options
-        self.distance = str(opts.get("distance", "router"))
-        self.mix_alpha = float(opts.get("mix_alpha", 0.5))
-        self.normalize = bool(opts.get("normalize", True))
-        self.representative = str(opts.get("representative", "centroid"))
-        self.average_up_to = int(opts.get("average_clusters_up_to", 0))
-        self.uniform = bool(opts.get("uniform", False)) or config.experts_per_layer is not None
+        opts = self.opts
+        self.distance = opts.distance
+        self.mix_alpha = opts.mix_alpha
+        self.normalize = opts.normalize
+        self.representative = opts.representative
+        self.average_up_to = opts.average_clusters_up_to
+        self.uniform = opts.uniform or config.experts_per_layer is not None
         self._details: dict[str, Any] | None = None
 
     @property
@@ -198,15 +212,7 @@ class STUN(ExpertMethod):
         return self.distance != "router" or self.has_phase2
 
     def validate(self, layers: list[MoELayer]) -> None:
-        super().validate(layers)
-        if self.distance not in DISTANCES:
-            raise ValueError(f"STUN distance must be one of {DISTANCES}, got {self.distance!r}.")
-        if self.representative not in ("centroid", "router"):
-            raise ValueError(
-                f"STUN representative must be 'centroid' or 'router', got {self.representative!r}."
-            )
-        if not 0.0 <= self.mix_alpha <= 1.0:
-            raise ValueError(f"STUN mix_alpha must be in [0, 1], got {self.mix_alpha}.")
+        super().validate(layers)  # distance, representative and mix_alpha are checked by STUNOptions
         if self.config.unstructured is not None and not self.has_phase2:
             raise ValueError(
                 "unstructured= is set but weight_sparsity (or nm_pattern) is not: give the sparsity."

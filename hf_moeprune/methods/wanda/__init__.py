@@ -13,9 +13,23 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..base import ExpertMethod, MethodContext, MethodResult
 from ..registry import register_method
 from ..unstructured import options_from_config, unstructured_prune_
+
+
+@dataclass
+class WandaOptions:
+    targets: tuple[str, ...] = ("experts",)
+    sequential: bool = True
+
+
+@dataclass
+class OWLOptions(WandaOptions):
+    owl_m: float = 5.0
+    owl_lambda: float = 0.08
 
 
 class UnstructuredMethod(ExpertMethod):
@@ -23,6 +37,7 @@ class UnstructuredMethod(ExpertMethod):
 
     kind = "unstructured"
     algorithm = "wanda"
+    Options = WandaOptions
 
     def validate(self, layers) -> None:
         super().validate(layers)

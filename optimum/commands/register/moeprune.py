@@ -48,7 +48,12 @@ class MoEPruneCommand(BaseOptimumCLICommand):
         if command_run is None:
             self.parser.print_help()
             sys.exit(1)
-        code = int(command_run(self.args) or 0)
+        from hf_moeprune.cli import report_error
+
+        try:
+            code = int(command_run(self.args) or 0)
+        except Exception as error:  # same one-line errors as `hf-moeprune`
+            code = report_error(error, prog="optimum-cli moeprune")
         if code:
             sys.exit(code)
 
