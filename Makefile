@@ -14,7 +14,7 @@ install: $(PY)
 # Main job on the embedded default: prune the bundled 8-expert testbed to 4 experts per layer with the
 # bundled calibration text, save to out/, and score held-out perplexity before and after.
 demo: install
-	$(VENV)/bin/hf-moeprune prune --method frequency --experts-per-layer 4 --output out/testbed-4e
+	$(VENV)/bin/hf-moeprune prune --method frequency --experts-per-layer 4 --output out/testbed-4e --overwrite
 	$(VENV)/bin/hf-moeprune eval --model out/testbed-4e --tasks ppl --limit 40
 
 test: install

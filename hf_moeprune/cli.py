@@ -1,7 +1,8 @@
 """Console entry point `hf-moeprune`.
 
 Bad input and failures end in one line, `hf-moeprune: error: <message>`, and a non-zero exit: 2 for a request
-that cannot work (ValueError, a missing file), 1 for anything else. `--debug` shows the traceback instead.
+that cannot work (ValueError, a missing file, an output that must not be replaced), 1 for anything else.
+`--debug` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ def report_error(error: BaseException, prog: str = PROG) -> int:
     """Print the one-line error and return the exit code for it."""
     message = str(error) or type(error).__name__
     print(f"{prog}: error: {message}", file=sys.stderr)
-    return 2 if isinstance(error, (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)) else 1
+    return 2 if isinstance(error, (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,8 +31,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
-    except SystemExit:
-        raise
     except Exception as error:  # the one place that turns every failure into a message
         if debug:
             raise

@@ -98,10 +98,7 @@ def check_recipe_arguments(args: argparse.Namespace, merge: bool) -> None:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {value}.")
-    try:
-        method_class = get_method(args.method)
-    except ValueError as error:
-        raise ValueError(str(error).replace("Registered methods", "Choose --method from")) from None
+    method_class = _with_cli_names(get_method, args.method)
     verb = "merge" if merge else "prune"
     wanted = ("merge",) if merge else ("prune", "unstructured")
     if method_class.kind not in wanted:
@@ -138,10 +135,7 @@ def run_recipe(args: argparse.Namespace, merge: bool) -> int:
         texts = read_texts(args.calibration) if args.calibration else default_calibration()
     model_path = args.model or default_model()
     check_model_path(model_path)
-    try:  # before the model is loaded: a refused destination costs the user nothing
-        check_output_dir(args.output, overwrite=args.overwrite, source=model_path)
-    except (OSError, ValueError) as error:
-        raise SystemExit(f"hf-moeprune: error: {error}") from None
+    _with_cli_names(check_output_dir, args.output, overwrite=args.overwrite, source=model_path)  # before loading
     family = family_for_model_type(AutoConfig.from_pretrained(model_path).model_type)
     auto = AutoMoEPruneModelForSeq2SeqLM if family.task == "seq2seq-lm" else AutoMoEPruneModelForCausalLM
     model = auto.from_pretrained(model_path)
@@ -162,16 +156,17 @@ _CLI_NAMES = {
     "num_experts_total": "--num-experts-total", "weight_sparsity": "--weight-sparsity", "top_k": "--top-k",
     "nm_pattern": "--nm", "MoEPruneConfig(top_k=...)": "--top-k", "method_options": "--option",
     "unstructured=": "--unstructured", "call merge_experts()": "use `hf-moeprune merge`",
-    "call prune_experts()": "use `hf-moeprune prune`",
+    "call prune_experts()": "use `hf-moeprune prune`", "Registered methods": "Choose --method from",
+    "pass --overwrite / overwrite=True": "pass --overwrite",
 }
 
 
 def _with_cli_names(function, *args, **kwargs):
-    """Call `function`; a ValueError it raises is re-raised with the API's names replaced by the CLI flags."""
+    """Call `function`; a refusal it raises is re-raised, same type, with the API's names replaced by CLI flags."""
     try:
         return function(*args, **kwargs)
-    except ValueError as error:
+    except (ValueError, FileExistsError) as error:
         message = str(error)
         for api, cli in sorted(_CLI_NAMES.items(), key=lambda item: -len(item[0])):
             message = message.replace(api, cli)
-        raise ValueError(message) from error
+        raise type(error)(message) from error

@@ -8,6 +8,7 @@ when it cannot, so a typo or a wrong type fails before any calibration instead o
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from collections.abc import Mapping
 from typing import Any, Literal, TypeVar, Union
@@ -39,7 +40,7 @@ def convert(value: Any, kind: Any, what: str) -> Any:
         if value not in params:
             raise ValueError(f"{what} must be one of {', '.join(map(repr, params))}, got {value!r}.")
         return value
-    if origin in (Union, getattr(__import__("types"), "UnionType", Union)):
+    if origin in (Union, types.UnionType):
         if value is None and type(None) in params:
             return None
         errors = []
