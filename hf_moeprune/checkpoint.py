@@ -242,11 +242,14 @@ def save_checkpoint(
     extra_files: Callable[[Path], None] | None = None,
     overwrite: bool = False,
     source: str | os.PathLike | None = None,
+    write_weights: Callable[[Path], None] | None = None,
     **save_kwargs: Any,
 ) -> Path:
     """Save `model` with its record; non-uniform results get the per-layer loader. Returns the folder.
 
     `overwrite` and `source` (the folder the model was loaded from) are as in `check_output_dir`.
+    `write_weights(folder)` puts weights already written elsewhere (the streaming pipeline's shards) in
+    place of `save_pretrained`'s; the config and generation config are then written on their own.
     """
     config = model.config
     record = dict(record)
@@ -268,7 +271,13 @@ def save_checkpoint(
         if not record["uniform"] and portable:
             config.auto_map = {AUTO_CLASS_BY_TASK[task]: f"{REMOTE_CODE_FILE[:-3]}.{wrapper_name}"}
         try:
-            model.save_pretrained(folder, **save_kwargs)
+            if write_weights is None:
+                model.save_pretrained(folder, **save_kwargs)
+            else:
+                write_weights(folder)
+                config.save_pretrained(folder)
+                if getattr(model, "generation_config", None) is not None and model.can_generate():
+                    model.generation_config.save_pretrained(folder)
         finally:
             if previous_auto_map is None and hasattr(config, "auto_map"):
                 del config.auto_map

@@ -20,9 +20,11 @@ from .checkpoint import save_checkpoint
 from .config import MoEPruneConfig
 from .families import FamilySpec, family_for_model
 from .families.registry import registered_families_by_type
-from .methods import MethodContext, get_method
+from .methods import get_method
 from .models import register_models
 from .moe_layers import MoELayer, find_moe_layers
+from .pipeline.runner import StepReport, run_step
+from .pipeline.sources import InMemorySource
 from .records import RECORD_KEY, compose_layer, count_parameters, initial_record, is_uniform
 from .surgery import ReductionPlan, apply_plan
 
@@ -39,6 +41,7 @@ class MoEPruneModel(nn.Module):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
+        self.progress = True  # progress bars of calibration sweeps
         self.spec: FamilySpec = family_for_model(model)
         existing = getattr(model.config, RECORD_KEY, None)
         self.record: dict[str, Any] = (
@@ -103,33 +106,36 @@ class MoEPruneModel(nn.Module):
         if method.needs_calibration:
             options = {"vocab_size": getattr(self.model.config, "vocab_size", None), **calibration_options}
             data = prepare_calibration(calibration, tokenizer or self.tokenizer, **options)
-        context = MethodContext(model=self.model, layers=layers, spec=self.spec, config=config, calibration=data)
-        result = method.run(context)
-        if result.plan is not None:
-            self.apply_plan(result.plan, layers)
-        after = method.after_surgery(context)
-        if after:
-            result.weight_sparsity = {**(result.weight_sparsity or {}), **after}
-        if result.weight_sparsity:
-            self.record.setdefault("weight_sparsity", {}).update(result.weight_sparsity)
+        source = InMemorySource(self.model, layers)
+        report = run_step(lambda: source, method, data.batches if data is not None else None, progress=self.progress)
+        self.record_step(config, report, data.record() if data is not None else None)
+        return self
+
+    def record_step(self, config: MoEPruneConfig, report: StepReport, calibration: dict[str, Any] | None) -> None:
+        """Add a finished step to the record (expert maps composed with earlier steps) and the config."""
+        self._record_plan(report.plan, self.moe_layers())
+        if report.weight_sparsity:
+            self.record.setdefault("weight_sparsity", {}).update(report.weight_sparsity)
         self.record["steps"].append(
             {
                 "method": config.method,
                 "config": config.to_dict(),
-                "calibration": data.record() if data is not None else None,
-                "forward_passes": context.forward_passes,
-                **({"details": result.details} if result.details else {}),
+                "calibration": calibration,
+                "forward_passes": report.forward_passes,
+                **({"details": report.details} if report.details else {}),
             }
         )
         params, nbytes = count_parameters(self.model)
         self.record["parameters"]["after"], self.record["bytes"]["after"] = params, nbytes
         setattr(self.model.config, RECORD_KEY, copy.deepcopy(self.record))
-        return self
 
     def apply_plan(self, plan: ReductionPlan, layers: list[MoELayer] | None = None) -> None:
-        """Apply a hand-made or method-made plan and keep the record and config counts in step with it."""
+        """Apply a hand-made plan and keep the record and config counts in step with it."""
         layers = layers if layers is not None else self.moe_layers()
         apply_plan(layers, plan)
+        self._record_plan(plan, layers)
+
+    def _record_plan(self, plan: ReductionPlan, layers: list[MoELayer]) -> None:
         for path, layer_plan in plan.layers.items():
             layer = next(item for item in layers if item.path == path)
             self.record["layers"][path] = compose_layer(self.record["layers"][path], layer_plan, layer.top_k)

@@ -1,24 +1,16 @@
 """Layer-by-layer (sequential) calibration: each decoder layer sees the outputs of the already-processed ones.
 
 The pipeline Wanda, SparseGPT and llm-compressor use. The inputs of the first decoder layer are captured once
-over the calibration batches (the embedding and anything before it run once); then for every decoder layer
-the caller observes it on the cached inputs, changes it (pruning), and the layer is re-run to produce the
-inputs of the next one. Only one layer's activations are held at a time, so the same loop serves checkpoints
-larger than memory: how a layer gets into memory (`load_layer`) and leaves it (`release_layer`) is the
-caller's business, the loop only calls them.
-
-Example:
-    >>> pipeline = SequentialPipeline.from_model(model, batches)
-    >>> for step in pipeline:
-    ...     step.run()            # observe: hooks installed by the caller see this layer's real inputs
-    ...     prune(step.layer)     # change it
-    ...     step.advance()        # re-run the changed layer: the next layer's inputs
+over the calibration batches (the embedding and anything before it run once); then each decoder layer is run
+on the cached inputs and its outputs become the next layer's inputs. Only one layer's activations are held at
+a time, and no decoder layer needs to be in memory before its turn, so the same loop serves checkpoints
+larger than memory (`hf_moeprune.pipeline` brings each layer in from disk).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -55,99 +47,67 @@ def layer_output(output: Any) -> torch.Tensor:
 
 
 @dataclass
-class LayerStep:
-    """One decoder layer of the sweep, with its cached inputs (one entry per calibration batch)."""
+class LayerInputs:
+    """The hidden states entering the current decoder layer, one tensor per calibration batch, and the
+    keyword arguments (masks, position embeddings) every layer of that batch receives."""
 
-    index: int
-    path: str
-    layer: nn.Module
-    pipeline: SequentialPipeline
-
-    def run(self) -> list[torch.Tensor]:
-        """Run the layer on every cached batch (hooks installed by the caller observe it); returns outputs."""
-        outputs = []
-        with torch.no_grad():
-            for hidden, kwargs in zip(self.pipeline.hidden, self.pipeline.kwargs, strict=True):
-                outputs.append(layer_output(self.layer(hidden, **kwargs)))
-        self.pipeline.layer_runs += 1
-        return outputs
-
-    def advance(self, outputs: list[torch.Tensor] | None = None) -> None:
-        """Make this layer's outputs the next layer's inputs (re-running it unless `outputs` are given)."""
-        self.pipeline.hidden = outputs if outputs is not None else self.run()
-
-
-@dataclass
-class SequentialPipeline:
-    """Cached first-layer inputs plus the decoder layers to walk through.
-
-    Args:
-        layers: The decoder layers, in order.
-        paths: Their module paths.
-        hidden: Hidden states entering the current layer, one tensor per calibration batch.
-        kwargs: The keyword arguments each batch's layers receive (masks, position embeddings); reused as is.
-        load_layer / release_layer: Called around each step, e.g. to bring a layer from disk and drop it.
-    """
-
-    layers: Sequence[nn.Module]
-    paths: Sequence[str]
     hidden: list[torch.Tensor]
     kwargs: list[dict[str, Any]]
-    load_layer: Callable[[int], nn.Module] | None = None
-    release_layer: Callable[[int, nn.Module], None] | None = None
-    layer_runs: int = 0
-    capture_passes: int = 0
-    _released: set[int] = field(default_factory=set, repr=False)
 
-    @classmethod
-    @torch.no_grad()
-    def from_model(
-        cls, model: nn.Module, batches: Iterable[torch.Tensor], **hooks: Any
-    ) -> SequentialPipeline:
-        """Capture the inputs of the first decoder layer for every batch (the rest of the model is not run)."""
-        prefix, layers = find_decoder_layers(model)
-        hidden: list[torch.Tensor] = []
-        kwargs: list[dict[str, Any]] = []
 
-        def capture(module: nn.Module, args: tuple, kw: dict) -> None:
-            kw = dict(kw)
-            state = args[0] if args else kw.pop("hidden_states")
-            hidden.append(state.detach())
-            kwargs.append(
-                {k: v for k, v in kw.items() if k not in ("cache", "past_key_values", "past_key_value")}
-            )
-            raise _StopForward
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, batches: Iterable[torch.Tensor]) -> LayerInputs:
+    """Run the model up to its first decoder layer for every batch (no decoder layer runs, so they may still
+    be on the meta device) and keep what that layer receives."""
+    _, layers = find_decoder_layers(model)
+    inputs = LayerInputs(hidden=[], kwargs=[])
 
-        was_training = model.training
-        model.eval()
-        device = next(model.parameters()).device
-        handle = layers[0].register_forward_pre_hook(capture, with_kwargs=True)
-        passes = 0
-        try:
-            for batch in batches:
-                try:
-                    model(input_ids=batch.to(device), use_cache=False)
-                except _StopForward:
-                    pass
-                passes += 1
-        finally:
-            handle.remove()
-            model.train(was_training)
-        paths = [f"{prefix}.{i}" if prefix else str(i) for i in range(len(layers))]
-        return cls(
-            layers=list(layers), paths=paths, hidden=hidden, kwargs=kwargs, capture_passes=passes, **hooks
-        )
+    def capture(module: nn.Module, args: tuple, kw: dict) -> None:
+        kw = dict(kw)
+        state = args[0] if args else kw.pop("hidden_states")
+        inputs.hidden.append(state.detach().cpu())
+        kept = {k: v for k, v in kw.items() if k not in ("cache", "past_key_values", "past_key_value")}
+        inputs.kwargs.append(to_device(kept, "cpu"))
+        raise _StopForward
 
-    def __iter__(self) -> Iterator[LayerStep]:
-        for index in range(len(self.layers)):
-            layer = self.load_layer(index) if self.load_layer is not None else self.layers[index]
-            yield LayerStep(index=index, path=self.paths[index], layer=layer, pipeline=self)
-            if self.release_layer is not None:
-                self.release_layer(index, layer)
+    was_training = model.training
+    model.eval()
+    device = next(p.device for p in model.parameters() if p.device.type != "meta")
+    handle = layers[0].register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        for batch in batches:
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return inputs
 
-    def clone_inputs(self) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
-        """The current inputs, to start a second sweep from the same point (OWL's outlier pass)."""
-        return [h.clone() for h in self.hidden], list(self.kwargs)
+
+@torch.no_grad()
+def run_layer(layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor]:
+    """The layer's outputs on every cached batch, on CPU (hooks installed by the caller observe the run).
+
+    Activations stay in host memory between layers; each batch visits the layer's device for its run.
+    """
+    device = next((p.device for p in layer.parameters()), torch.device("cpu"))
+    outputs = []
+    for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True):
+        outputs.append(layer_output(layer(hidden.to(device), **to_device(kwargs, device))).cpu())
+    return outputs
+
+
+def to_device(value: Any, device: torch.device | str) -> Any:
+    """`value` with every tensor inside (dicts, tuples, lists) moved to `device`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(to_device(v, device) for v in value)
+    return value
 
 
 class InputNormCollector:

@@ -8,12 +8,19 @@ every layer keeping at least its top-k, which gives non-uniform per-layer counts
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from ...surgery import LayerPlan, ReductionPlan
-from ..base import ExpertMethod, MethodContext, MethodResult
+from ...calibration.statistics import LayerStatistics
+from ...moe_layers import MoELayer
+from ...surgery import LayerPlan
+from ..base import ExpertMethod, Needs, UnitResult
 from ..registry import register_method
 from ..targets import effective_top_k, total_budget, uniform_counts
+
+if TYPE_CHECKING:
+    from ...pipeline import Observation, Unit
 
 
 @register_method
@@ -29,32 +36,44 @@ class FrequencyPruning(ExpertMethod):
         else:
             uniform_counts(layers, self.config)
 
-    def run(self, context: MethodContext) -> MethodResult:
-        statistics = context.statistics()
-        scores = {
-            layer.path: statistics[layer.path].frequency
-            + statistics[layer.path].prob_mass / max(statistics[layer.path].tokens, 1) * 1e-6
-            for layer in context.layers
-        }
-        if self.config.adaptive:
-            counts = self._global_counts(context, scores)
-        else:
-            counts = uniform_counts(context.layers, self.config)
-        plan = ReductionPlan(top_k=self.config.top_k)
-        for layer in context.layers:
-            keep = torch.argsort(scores[layer.path], descending=True, stable=True)[: counts[layer.path]]
-            plan.layers[layer.path] = LayerPlan.keep(keep.tolist())
-        return MethodResult(plan=plan, details={"experts_per_layer": counts})
+    @property
+    def needs(self) -> Needs:
+        return Needs(statistics=True, global_decision=bool(self.config.adaptive))
 
-    def _global_counts(self, context: MethodContext, scores: dict[str, torch.Tensor]) -> dict[str, int]:
+    def summarize(self, unit: Unit, observation: Observation) -> dict[str, torch.Tensor]:
+        return {layer.path: _shares(observation.statistics[layer.path]) for layer in unit.moe_layers}
+
+    def decide(self, summaries: dict[str, dict[str, torch.Tensor]] | None, layers: list[MoELayer]) -> dict[str, int]:
+        if not self.config.adaptive:
+            counts = uniform_counts(layers, self.config)
+        else:
+            scores = {path: score for unit in summaries.values() for path, score in unit.items()}
+            counts = self._global_counts(layers, scores)
+        self.details = {"experts_per_layer": counts}
+        return counts
+
+    def reduce(self, unit: Unit, observation: Observation | dict, counts: dict[str, int]) -> UnitResult:
+        scores = observation if self.config.adaptive else self.summarize(unit, observation)
+        result = UnitResult()
+        for layer in unit.moe_layers:
+            keep = torch.argsort(scores[layer.path], descending=True, stable=True)[: counts[layer.path]]
+            result.plans[layer.path] = LayerPlan.keep(keep.tolist())
+        return result
+
+    def _global_counts(self, layers: list[MoELayer], scores: dict[str, torch.Tensor]) -> dict[str, int]:
         """Each layer keeps its top-k, then the remaining budget goes to the highest shares model-wide."""
-        budget = total_budget(context.layers, self.config)
-        counts = {layer.path: effective_top_k(layer, self.config) for layer in context.layers}
+        budget = total_budget(layers, self.config)
+        counts = {layer.path: effective_top_k(layer, self.config) for layer in layers}
         candidates = []
-        for layer in context.layers:
+        for layer in layers:
             ranked = torch.sort(scores[layer.path], descending=True, stable=True).values.tolist()
             candidates += [(share, layer.path) for share in ranked[counts[layer.path] :]]
         candidates.sort(key=lambda item: -item[0])
         for _, path in candidates[: budget - sum(counts.values())]:
             counts[path] += 1
         return counts
+
+
+def _shares(stats: LayerStatistics) -> torch.Tensor:
+    """Routed share per expert, ties broken by router-probability mass."""
+    return stats.frequency + stats.prob_mass / max(stats.tokens, 1) * 1e-6

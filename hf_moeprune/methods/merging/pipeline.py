@@ -12,18 +12,21 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from ...moe_layers import MoELayer
-from ...surgery import LayerPlan, ReductionPlan
-from ..base import ExpertMethod, MethodContext, MethodResult
+from ...surgery import LayerPlan
+from ..base import ExpertMethod, Needs, UnitResult
 from ..targets import effective_top_k, total_budget, uniform_counts
 from .adaptive import frequency_counts, redundancy_counts
 from .alignment import align_groups
 from .clustering import CLUSTERINGS, cluster_experts
 from .similarity import SIMILARITIES, expert_features, expert_similarity
+
+if TYPE_CHECKING:
+    from ...pipeline import Observation, Unit
 
 logger = logging.getLogger(__name__)
 
@@ -90,18 +93,37 @@ class ClusterMergeMethod(ExpertMethod):
         else:
             uniform_counts(layers, self.config)
 
-    def target_counts(self, context: MethodContext, similarities: dict[str, torch.Tensor]) -> dict[str, int]:
-        layers, config = context.layers, self.config
+    @property
+    def needs(self) -> Needs:
+        return Needs(
+            statistics=True,
+            block_inputs=self.options["alignment"] == "activations",
+            global_decision=bool(self.config.adaptive),
+        )
+
+    def summarize(self, unit: Unit, observation: Observation) -> dict[str, tuple]:
+        """Per MoE layer: its statistics, expert similarity and (for activation alignment) sampled inputs."""
+        tokens = self.options["alignment_tokens"]
+        return {
+            layer.path: (
+                observation.statistics[layer.path],
+                expert_similarity(observation.statistics[layer.path], self.options["similarity"]),
+                observation.block_inputs[layer.path][:tokens] if layer.path in observation.block_inputs else None,
+            )
+            for layer in unit.moe_layers
+        }
+
+    def decide(self, summaries: dict[str, dict] | None, layers: list[MoELayer]) -> dict[str, int]:
+        self.details = {"options": dict(self.options), "layers": {}}
+        config = self.config
         if not config.adaptive:
             return uniform_counts(layers, config)
+        entries = {path: entry for unit in summaries.values() for path, entry in unit.items()}
         budget = total_budget(layers, config)
         floors = {layer.path: effective_top_k(layer, config) for layer in layers}
         if self.options["adaptive_by"] == "frequency":
-            stats = context.statistics()
-            return frequency_counts(
-                {layer.path: stats[layer.path].counts for layer in layers}, budget, floors
-            )
-        return redundancy_counts(similarities, budget, floors)
+            return frequency_counts({path: entry[0].counts for path, entry in entries.items()}, budget, floors)
+        return redundancy_counts({path: entry[1] for path, entry in entries.items()}, budget, floors)
 
     def merge_weights(self, stats, group: list[int]) -> list[float]:
         kind = self.options["merge_weights"]
@@ -112,31 +134,20 @@ class ClusterMergeMethod(ExpertMethod):
         return weights if sum(weights) > 0 else [1.0] * len(group)
 
     @torch.no_grad()
-    def run(self, context: MethodContext) -> MethodResult:
+    def reduce(self, unit: Unit, observation: Observation | dict, counts: dict[str, int]) -> UnitResult:
         options = self.options
-        statistics = context.statistics()
-        similarities = {
-            layer.path: expert_similarity(statistics[layer.path], options["similarity"])
-            for layer in context.layers
-        }
-        counts = self.target_counts(context, similarities)
-        inputs = (
-            _sample_layer_inputs(context, options["alignment_tokens"])
-            if options["alignment"] == "activations"
-            else {}
-        )
-        plan = ReductionPlan(top_k=self.config.top_k)
-        details: dict[str, Any] = {"options": dict(options), "layers": {}}
-        align_seconds = 0.0
-        for layer in context.layers:
-            stats, count = statistics[layer.path], counts[layer.path]
+        summary = observation if self.config.adaptive else self.summarize(unit, observation)
+        result = UnitResult()
+        for layer in unit.moe_layers:
+            stats, similarity, inputs = summary[layer.path]
+            count = counts[layer.path]
             if count >= layer.num_experts:
                 continue
             use_features = options["clustering"] == "kmeans" or (
                 options["clustering"] == "agglomerative" and options["cluster_on"] == "features"
             )
             groups = cluster_experts(
-                similarities[layer.path],
+                similarity,
                 count,
                 options["clustering"],
                 frequency=stats.counts,
@@ -151,58 +162,23 @@ class ClusterMergeMethod(ExpertMethod):
                     layer,
                     groups,
                     mode=options["alignment"],
-                    inputs=inputs.get(layer.path),
+                    inputs=inputs,
                     sketch_dim=options["alignment_sketch"],
                     solver=options["alignment_solver"],
                     seed=self.config.seed,
                 )
-                align_seconds += time.perf_counter() - start
+                # wall-clock time goes to the log, not the record: config.json must be identical for the same inputs
+                logger.info("%s: permutation alignment of %s took %.3f s", self.name, layer.path,
+                            time.perf_counter() - start)
                 if reports:
                     before = sum(r.score_before for r in reports)
                     after = sum(r.score_after for r in reports)
                     entry["alignment_score_gain"] = round(after / before, 4) if before > 0 else None
                     entry["moved_units"] = sum(r.moved_units for r in reports)
-            plan.layers[layer.path] = LayerPlan(
+            result.plans[layer.path] = LayerPlan(
                 groups=groups,
                 weights=[self.merge_weights(stats, g) for g in groups],
                 router_rows=options["router_rows"],
             )
-            details["layers"][layer.path] = entry
-        # wall-clock time goes to the log, not the record: config.json must be identical for the same inputs
-        logger.info("%s: permutation alignment took %.3f s", self.name, align_seconds)
-        return MethodResult(plan=plan, details=details)
-
-
-@torch.no_grad()
-def _sample_layer_inputs(context: MethodContext, max_tokens: int) -> dict[str, torch.Tensor]:
-    """The first `max_tokens` hidden states entering each MoE block, from one extra pass over as few
-    calibration batches as that takes."""
-    from ...calibration import run_calibration
-
-    if context.calibration is None:
-        raise ValueError("alignment='activations' needs calibration data.")
-    samples: dict[str, list[torch.Tensor]] = {layer.path: [] for layer in context.layers}
-    handles = []
-    for layer in context.layers:
-        hidden = int(layer.router_tensors()["weight"].shape[1])
-
-        def hook(module, args, path=layer.path, hidden=hidden):
-            have = sum(t.shape[0] for t in samples[path])
-            if have < max_tokens:
-                samples[path].append(args[0].detach().reshape(-1, hidden)[: max_tokens - have].float().cpu())
-
-        handles.append(layer.block.register_forward_pre_hook(hook))
-    batches, tokens = [], 0
-    for batch in context.calibration.batches:
-        if tokens >= max_tokens:
-            break
-        batches.append(batch)
-        tokens += batch.numel()
-    try:
-        context.forward_passes += run_calibration(
-            context.model, batches, is_encoder_decoder=context.is_encoder_decoder, progress=False
-        )
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {path: torch.cat(parts) if parts else torch.empty(0) for path, parts in samples.items()}
+            self.details["layers"][layer.path] = entry
+        return result

@@ -20,21 +20,20 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
-from ...calibration.sequential import SequentialPipeline, layer_output
-from ...calibration.statistics import run_calibration
+from ...calibration.sequential import layer_output
 from ...moe_layers import MoELayer
-from ...surgery import LayerPlan, ReductionPlan, apply_layer_plan
-from ..base import ExpertMethod, MethodContext, MethodResult
+from ...surgery import LayerPlan, apply_layer_plan
+from ..base import ExpertMethod, Needs, UnitResult
 from ..registry import register_method
 from ..targets import uniform_counts
-from ..unstructured.prune import has_decoder_layers
+
+if TYPE_CHECKING:
+    from ...pipeline import Observation, Unit
 
 
 @torch.no_grad()
@@ -56,26 +55,8 @@ def search_layer(
     return best[0], best[1], tried
 
 
-def _capture_block_inputs(layers: list[MoELayer], run: Callable[[], Any]) -> dict[str, list[torch.Tensor]]:
-    captured: dict[str, list[torch.Tensor]] = {layer.path: [] for layer in layers}
-    handles = [
-        layer.block.register_forward_pre_hook(
-            lambda module, args, path=layer.path: captured[path].append(
-                args[0].detach().reshape(-1, args[0].shape[-1])
-            )
-        )
-        for layer in layers
-    ]
-    try:
-        run()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured
-
-
-def _sample(chunks: list[torch.Tensor], max_tokens: int) -> torch.Tensor:
-    tokens = torch.cat(chunks)
+def _sample(tokens: torch.Tensor, max_tokens: int) -> torch.Tensor:
+    """`max_tokens` rows spread evenly over the calibration tokens, as one `[1, T, H]` batch."""
     if tokens.shape[0] > max_tokens:
         index = torch.linspace(0, tokens.shape[0] - 1, max_tokens).long()
         tokens = tokens[index]
@@ -114,60 +95,25 @@ class NAEE(ExpertMethod):
                     "experts: use method='stun' (O(1) forward passes) or raise method_options max_subsets."
                 )
 
-    def run(self, context: MethodContext) -> MethodResult:
-        counts = uniform_counts(context.layers, self.config)
-        max_tokens = self.opts.max_tokens
-        if context.calibration is None:
-            raise ValueError("NAEE needs calibration data.")
-        batches = context.calibration.batches
-        plan = ReductionPlan(top_k=self.config.top_k)
-        errors: dict[str, float] = {}
-        evaluations = 0
+    @property
+    def needs(self) -> Needs:
+        # each layer is searched on the outputs of the already pruned layers before it, as in the paper
+        return Needs(block_inputs=True, sequential=True)
 
-        def decide(layer: MoELayer, chunks: list[torch.Tensor]) -> None:
-            nonlocal evaluations
+    def decide(self, summaries: None, layers: list[MoELayer]) -> dict[str, int]:
+        self.details = {"relative_error": {}, "block_evaluations": 0}
+        return uniform_counts(layers, self.config)
+
+    def reduce(self, unit: Unit, observation: Observation, counts: dict[str, int]) -> UnitResult:
+        result = UnitResult()
+        for layer in unit.moe_layers:
+            inputs = _sample(observation.block_inputs[layer.path], self.opts.max_tokens)
+            dtype = next(layer.block.parameters()).dtype
+            device = next(layer.block.parameters()).device
             subset, error, tried = search_layer(
-                layer, _sample(chunks, max_tokens), counts[layer.path], self.config.top_k
+                layer, inputs.to(device=device, dtype=dtype), counts[layer.path], self.config.top_k
             )
-            plan.layers[layer.path] = LayerPlan.keep(subset)
-            errors[layer.path] = round(error, 6)
-            evaluations += tried
-
-        if has_decoder_layers(context.model) and not context.is_encoder_decoder:
-            pipeline = SequentialPipeline.from_model(context.model, batches)
-            for step in pipeline:
-                inside = [layer for layer in context.layers if layer.path.startswith(step.path + ".")]
-                if not inside:
-                    step.advance()
-                    continue
-                captured = _capture_block_inputs(inside, step.run)
-                for layer in inside:
-                    decide(layer, captured[layer.path])
-                step.advance(self._pruned_outputs(step, inside, plan))
-        else:  # encoder-decoder: one pass of the unpruned model
-            captured = _capture_block_inputs(
-                context.layers,
-                lambda: run_calibration(
-                    context.model, batches, is_encoder_decoder=context.is_encoder_decoder, progress=False
-                ),
-            )
-            for layer in context.layers:
-                decide(layer, captured[layer.path])
-        context.forward_passes += len(batches)
-        return MethodResult(plan=plan, details={"relative_error": errors, "block_evaluations": evaluations})
-
-    def _pruned_outputs(self, step, inside: list[MoELayer], plan: ReductionPlan) -> list[torch.Tensor]:
-        """The next layer's inputs from a pruned copy of this decoder layer (the real model is pruned later)."""
-        pruned: nn.Module = copy.deepcopy(step.layer)
-        for layer in inside:
-            relative = layer.path[len(step.path) + 1 :]
-            apply_layer_plan(
-                MoELayer(path=layer.path, block=pruned.get_submodule(relative), spec=layer.spec),
-                plan.layers[layer.path],
-                self.config.top_k,
-            )
-        original, step.layer = step.layer, pruned
-        try:
-            return step.run()
-        finally:
-            step.layer = original
+            result.plans[layer.path] = LayerPlan.keep(subset)
+            self.details["relative_error"][layer.path] = round(error, 6)
+            self.details["block_evaluations"] += tried
+        return result

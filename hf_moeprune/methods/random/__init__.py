@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from ...surgery import LayerPlan, ReductionPlan
-from ..base import ExpertMethod, MethodContext, MethodResult
+from ...moe_layers import MoELayer
+from ...surgery import LayerPlan
+from ..base import ExpertMethod, Needs, UnitResult
 from ..registry import register_method
 from ..targets import uniform_counts
+
+if TYPE_CHECKING:
+    from ...pipeline import Unit
 
 
 @register_method
@@ -15,17 +21,22 @@ class RandomPruning(ExpertMethod):
     name = "random"
     pretty_name = "Random expert pruning"
     kind = "prune"
-    needs_calibration = False
+
+    @property
+    def needs(self) -> Needs:
+        return Needs()
 
     def validate(self, layers) -> None:
         super().validate(layers)
         uniform_counts(layers, self.config)
 
-    def run(self, context: MethodContext) -> MethodResult:
-        counts = uniform_counts(context.layers, self.config)
-        generator = torch.Generator().manual_seed(self.config.seed)
-        plan = ReductionPlan(top_k=self.config.top_k)
-        for layer in context.layers:
+    def decide(self, summaries: None, layers: list[MoELayer]) -> tuple[dict[str, int], torch.Generator]:
+        return uniform_counts(layers, self.config), torch.Generator().manual_seed(self.config.seed)
+
+    def reduce(self, unit: Unit, observation: None, decision: tuple[dict[str, int], torch.Generator]) -> UnitResult:
+        counts, generator = decision  # one generator drawn in layer order: the same seed keeps the same experts
+        result = UnitResult()
+        for layer in unit.moe_layers:
             keep = torch.randperm(layer.num_experts, generator=generator)[: counts[layer.path]]
-            plan.layers[layer.path] = LayerPlan.keep(keep.tolist())
-        return MethodResult(plan=plan)
+            result.plans[layer.path] = LayerPlan.keep(keep.tolist())
+        return result

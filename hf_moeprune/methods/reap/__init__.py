@@ -20,13 +20,18 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from ...surgery import LayerPlan, ReductionPlan
-from ..base import ExpertMethod, MethodContext, MethodResult
+from ...moe_layers import MoELayer
+from ...surgery import LayerPlan
+from ..base import ExpertMethod, Needs, UnitResult
 from ..registry import register_method
 from ..targets import uniform_counts
+
+if TYPE_CHECKING:
+    from ...pipeline import Observation, Unit
 
 
 def reap_scores(gated_output_norm_sum: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -71,30 +76,43 @@ class REAP(ExpertMethod):
         super().validate(layers)
         uniform_counts(layers, self.config)
 
-    def run(self, context: MethodContext) -> MethodResult:
-        opts = self.opts
-        counts = uniform_counts(context.layers, self.config)
-        statistics = context.statistics()
-        protected = {layer.path: [] for layer in context.layers}
-        if opts.protect_super_experts:
-            protected = super_experts(
-                {layer.path: statistics[layer.path].output_max for layer in context.layers},
-                opts.super_expert_quantile,
-                opts.super_expert_fraction,
+    @property
+    def needs(self) -> Needs:
+        # super experts are found by one quantile over every layer's peaks: a global decision
+        return Needs(statistics=True, global_decision=self.opts.protect_super_experts)
+
+    def summarize(self, unit: Unit, observation: Observation) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per MoE layer: REAP scores and the peak |output| per expert (all the decision needs)."""
+        return {
+            layer.path: (
+                reap_scores(observation.statistics[layer.path].gated_output_norm_sum,
+                            observation.statistics[layer.path].counts),
+                observation.statistics[layer.path].output_max,
             )
-        plan = ReductionPlan(top_k=self.config.top_k)
-        scores_record, overflow = {}, []
-        for layer in context.layers:
-            stats = statistics[layer.path]
-            score = reap_scores(stats.gated_output_norm_sum, stats.counts)
+            for layer in unit.moe_layers
+        }
+
+    def decide(self, summaries: dict[str, dict] | None, layers: list[MoELayer]) -> tuple[dict, dict]:
+        opts = self.opts
+        counts = uniform_counts(layers, self.config)
+        protected: dict[str, list[int]] = {layer.path: [] for layer in layers}
+        if opts.protect_super_experts:
+            peaks = {path: entry[1] for unit in summaries.values() for path, entry in unit.items()}
+            protected = super_experts(peaks, opts.super_expert_quantile, opts.super_expert_fraction)
+        self.details = {"scores": {}, "super_experts": protected}
+        return counts, protected
+
+    def reduce(self, unit: Unit, observation: Observation | dict, decision: tuple[dict, dict]) -> UnitResult:
+        counts, protected = decision
+        summary = observation if self.opts.protect_super_experts else self.summarize(unit, observation)
+        result = UnitResult()
+        for layer in unit.moe_layers:
+            score = summary[layer.path][0]
             ranked = torch.argsort(score, descending=True, stable=True).tolist()
             shielded = [e for e in ranked if e in protected[layer.path]]
-            if len(shielded) > counts[layer.path]:
-                overflow.append(layer.path)  # more super experts than places: keep the best-scoring ones
+            if len(shielded) > counts[layer.path]:  # more super experts than places: keep the best-scoring ones
+                self.details.setdefault("super_expert_overflow", []).append(layer.path)
             keep = (shielded + [e for e in ranked if e not in shielded])[: counts[layer.path]]
-            plan.layers[layer.path] = LayerPlan.keep(keep)
-            scores_record[layer.path] = [round(float(s), 6) for s in score]
-        details = {"scores": scores_record, "super_experts": protected}
-        if overflow:
-            details["super_expert_overflow"] = overflow
-        return MethodResult(plan=plan, details=details)
+            result.plans[layer.path] = LayerPlan.keep(keep)
+            self.details["scores"][layer.path] = [round(float(s), 6) for s in score]
+        return result

@@ -40,7 +40,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -48,12 +48,15 @@ from scipy.cluster.hierarchy import linkage
 from scipy.spatial.distance import squareform
 
 from ...moe_layers import MoELayer
-from ...surgery import LayerPlan, ReductionPlan
-from ..base import ExpertMethod, MethodContext, MethodResult
+from ...surgery import LayerPlan
+from ..base import ExpertMethod, Needs, UnitResult
 from ..registry import register_method
 from ..targets import check_layer_count, effective_top_k, total_budget, uniform_counts
-from ..unstructured import options_from_config, unstructured_prune_
+from ..unstructured import WeightPruning, options_from_config
 from ..wanda import OWLOptions
+
+if TYPE_CHECKING:
+    from ...pipeline import Observation, Unit
 
 # ---------------------------------------------------------------------------------------------- distance
 
@@ -200,16 +203,19 @@ class STUN(ExpertMethod):
         self.representative = opts.representative
         self.average_up_to = opts.average_clusters_up_to
         self.uniform = opts.uniform or config.experts_per_layer is not None
-        self._details: dict[str, Any] | None = None
 
     @property
     def has_phase2(self) -> bool:
         return bool(self.config.weight_sparsity) or self.config.nm_pattern is not None
 
     @property
-    def needs_calibration(self) -> bool:  # type: ignore[override]
-        """The router-weight distance without a second phase needs no data and runs no forward pass."""
-        return self.distance != "router" or self.has_phase2
+    def needs(self) -> Needs:
+        """The router-weight distance needs no data and, streaming, reads only the router rows first."""
+        return Needs(
+            statistics=self.distance != "router",
+            global_decision=not self.uniform,
+            summary_weights="router" if self.distance == "router" else "all",
+        )
 
     def validate(self, layers: list[MoELayer]) -> None:
         super().validate(layers)  # distance, representative and mix_alpha are checked by STUNOptions
@@ -229,7 +235,7 @@ class STUN(ExpertMethod):
             return uniform_counts(layers, self.config)
         return total_budget(layers, self.config)
 
-    def layer_distance(self, layer: MoELayer, context: MethodContext) -> torch.Tensor:
+    def layer_distance(self, layer: MoELayer, observation: Observation | None) -> torch.Tensor:
         router = (
             router_distance(layer.router_tensors()["weight"], self.normalize)
             if self.distance != "coactivation"
@@ -237,66 +243,52 @@ class STUN(ExpertMethod):
         )
         if self.distance == "router":
             return router
-        co = coactivation_distance(context.statistics()[layer.path].coactivation)
+        co = coactivation_distance(observation.statistics[layer.path].coactivation)
         if self.distance == "coactivation":
             return co
         return self.mix_alpha * router / _mean_offdiag(router) + (1 - self.mix_alpha) * co / _mean_offdiag(co)
 
-    def run(self, context: MethodContext) -> MethodResult:
-        layers = context.layers
-        dendrograms = {
-            layer.path: Dendrogram.from_distance(self.layer_distance(layer, context)) for layer in layers
-        }
-        floors = {layer.path: effective_top_k(layer, self.config) for layer in layers}
-        target = self._targets(layers)
-        thresholds: dict[str, float] | float
-        if isinstance(target, dict):
-            counts = target
-            thresholds = {p: float(d.heights[d.num_experts - counts[p] - 1]) for p, d in dendrograms.items()}
-        else:
-            counts, thresholds = global_threshold_counts(dendrograms, floors, target)
-            for layer in layers:
-                if counts[layer.path] < layer.num_experts:
-                    check_layer_count(layer, counts[layer.path], self.config)
-        plan = ReductionPlan(top_k=self.config.top_k)
-        clusters_record = {}
-        for layer in layers:
-            clusters = dendrograms[layer.path].clusters(counts[layer.path])
-            clusters_record[layer.path] = clusters
-            if counts[layer.path] == layer.num_experts:
-                continue  # nothing removed in this layer
-            features = (
-                expert_features(layer)
-                if self.representative == "centroid"
-                else layer.router_tensors()["weight"]
-            )
-            groups = []
-            for members in clusters:
-                if 1 < len(members) <= self.average_up_to:
-                    groups.append(members)
-                else:
-                    groups.append([pick_representative(members, features)])
-            plan.layers[layer.path] = LayerPlan(groups=sorted(groups, key=lambda g: g[0]))
-        self._details = {
-            "distance": self.distance,
-            "threshold": thresholds,
-            "counts": counts,
-            "clusters": clusters_record,
-        }
-        return MethodResult(plan=plan, details=self._details)
+    def summarize(self, unit: Unit, observation: Observation | None) -> dict[str, Dendrogram]:
+        return {layer.path: Dendrogram.from_distance(self.layer_distance(layer, observation)) for layer in unit.moe_layers}
 
-    def after_surgery(self, context: MethodContext) -> dict[str, float] | None:
+    def decide(self, summaries: dict[str, dict] | None, layers: list[MoELayer]) -> dict[str, int]:
+        """Per-layer cluster counts: the uniform target, or one global threshold over every dendrogram."""
+        self.details = {"distance": self.distance, "threshold": {}, "counts": {}, "clusters": {}}
+        target = self._targets(layers)
+        if isinstance(target, dict):
+            return target
+        dendrograms = {path: d for unit in summaries.values() for path, d in unit.items()}
+        floors = {layer.path: effective_top_k(layer, self.config) for layer in layers}
+        counts, threshold = global_threshold_counts(dendrograms, floors, target)
+        for layer in layers:
+            if counts[layer.path] < layer.num_experts:
+                check_layer_count(layer, counts[layer.path], self.config)
+        self.details["threshold"] = threshold
+        return counts
+
+    def reduce(self, unit: Unit, observation: Observation | dict | None, counts: dict[str, int]) -> UnitResult:
+        dendrograms = observation if not self.uniform else self.summarize(unit, observation)
+        result = UnitResult()
+        for layer in unit.moe_layers:
+            dendrogram = dendrograms[layer.path]
+            count = counts[layer.path]
+            clusters = dendrogram.clusters(count)
+            self.details["counts"][layer.path] = count
+            self.details["clusters"][layer.path] = clusters
+            if self.uniform:
+                self.details["threshold"][layer.path] = float(dendrogram.heights[dendrogram.num_experts - count - 1])
+            if count == layer.num_experts:
+                continue  # nothing removed in this layer
+            features = expert_features(layer) if self.representative == "centroid" else layer.router_tensors()["weight"]
+            groups = [
+                members if 1 < len(members) <= self.average_up_to else [pick_representative(members, features)]
+                for members in clusters
+            ]
+            result.plans[layer.path] = LayerPlan(groups=sorted(groups, key=lambda g: g[0]))
+        return result
+
+    def second_phase(self) -> WeightPruning | None:
         """Phase 2: Wanda / OWL inside the surviving experts, on the model as phase 1 left it."""
         if not self.has_phase2:
             return None
-        report = unstructured_prune_(
-            context.model,
-            context.calibration.batches,
-            options_from_config(self.config, self._algorithm()),
-            context.layers,
-            progress=context.progress,
-        )
-        context.forward_passes += report.forward_passes
-        if self._details is not None:  # the wrapper records result.details after this hook returns
-            self._details["unstructured"] = {"algorithm": self._algorithm(), **report.details()}
-        return report.weight_sparsity
+        return WeightPruning(options_from_config(self.config, self._algorithm()))

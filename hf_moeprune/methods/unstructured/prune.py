@@ -17,21 +17,19 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 
-from ...calibration.sequential import InputNormCollector, SequentialPipeline, find_decoder_layers
-from ...calibration.statistics import (
-    LayerStatistics,
-    StatisticsCollector,
-    _register_recording_implementation,
-    run_calibration,
-)
+from ...calibration.statistics import LayerStatistics
 from ...families import ExpertTensor
 from ...moe_layers import MoELayer
+from ..base import Needs, UnitResult
 from .masks import nm_prune_mask, owl_layer_sparsities, row_prune_mask, wanda_scores
+
+if TYPE_CHECKING:
+    from ...pipeline import Observation, Unit
 
 ModuleFilter = Callable[[nn.Module, str], bool]
 TARGET_KINDS = ("experts", "attention", "dense_mlp", "all_linear")
@@ -219,28 +217,74 @@ def _prune_group(
     return {key: zeros[key] / sizes[key] for key in zeros}
 
 
-def _observe(run: Callable[[], Any], targets: _Targets) -> tuple[_Observed, Any]:
-    collector = StatisticsCollector(targets.moe) if targets.moe else None
-    norms = InputNormCollector(targets.linears)
-    with norms:
-        if collector is not None:
-            with collector.recording():
-                result = run()
-        else:
-            result = run()
-    return _Observed(expert_stats=collector.statistics if collector else {}, linear_sq=norms.sq), result
+# ------------------------------------------------------------------------------------------ the method
+
+
+class WeightPruning:
+    """Wanda / OWL / N:M as pipeline hooks: the `wanda` and `owl` methods and STUN's second phase.
+
+    Each decoder layer is one group: its experts (inputs = the tokens routed to each expert) and the chosen
+    linears (plain input norms). OWL's layer sparsities come from every layer's outlier share on the
+    unpruned model, a global decision; the pruning sweep then runs sequentially unless `sequential=False`.
+    """
+
+    config = None
+
+    def __init__(self, options: UnstructuredOptions, name: str | None = None) -> None:
+        self.options = options
+        self.name = name or options.algorithm
+        self.report = UnstructuredReport()
+
+    @property
+    def details(self) -> dict[str, Any]:
+        return self.report.details()
+
+    @property
+    def needs(self) -> Needs:
+        return Needs(
+            statistics=True,
+            linear_inputs=True,
+            sequential=self.options.sequential,
+            global_decision=self.options.algorithm == "owl",
+        )
+
+    def linear_targets(self, unit: Unit) -> dict[str, nn.Linear]:
+        return _group_targets(unit.module, unit.path, unit.moe_layers, self.options).linears
+
+    def summarize(self, unit: Unit, observation: Observation) -> tuple[float, int, Observation]:
+        """OWL's outlier share and size of the layer (and the observation, for a one-shot pruning sweep)."""
+        targets = _group_targets(unit.module, unit.path, unit.moe_layers, self.options)
+        return (*_outlier_ratio(targets, _observed(observation), self.options.owl_m), observation)
+
+    def decide(self, summaries: dict[str, tuple] | None, layers: list[MoELayer]) -> dict[str, float] | None:
+        if summaries is None:
+            return None
+        pruned = [path for path, (_, size, _) in summaries.items() if size > 0]
+        values = owl_layer_sparsities(
+            [summaries[p][0] for p in pruned], self.options.sparsity, self.options.owl_lambda,
+            [summaries[p][1] for p in pruned],
+        )
+        self.report.outlier_ratios = {p: summaries[p][0] for p in pruned}
+        return dict(zip(pruned, values, strict=True))
+
+    def reduce(self, unit: Unit, observation: Observation | tuple, sparsities: dict[str, float] | None) -> UnitResult:
+        targets = _group_targets(unit.module, unit.path, unit.moe_layers, self.options)
+        if targets.empty():
+            return UnitResult()
+        if isinstance(observation, tuple):  # OWL one-shot: the first sweep's observation
+            observation = observation[2]
+        sparsity = (sparsities or {}).get(unit.path, self.options.sparsity)
+        achieved = _prune_group(targets, _observed(observation), sparsity, self.options.nm)
+        self.report.weight_sparsity.update(achieved)
+        self.report.layer_sparsity[unit.path] = sparsity
+        return UnitResult(weight_sparsity=achieved)
+
+
+def _observed(observation: Observation) -> _Observed:
+    return _Observed(expert_stats=observation.statistics, linear_sq=observation.linear_sq)
 
 
 # ---------------------------------------------------------------------------------------------- drivers
-
-
-def _group_key(path: str) -> str:
-    """`encoder.block.3.layer.1.mlp` -> `encoder.block.3`: the prefix up to the first layer index."""
-    parts = path.split(".")
-    for i, part in enumerate(parts):
-        if part.isdigit():
-            return ".".join(parts[: i + 1])
-    return path
 
 
 @torch.no_grad()
@@ -259,88 +303,16 @@ def unstructured_prune_(
         options: See `UnstructuredOptions`.
         moe_layers: The model's MoE layers (from its family spec); None for a dense model.
     """
-    moe_layers = list(moe_layers or [])
-    if moe_layers:
-        _register_recording_implementation()
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+    from ...pipeline.runner import run_method
+    from ...pipeline.sources import InMemorySource
+
+    source = InMemorySource(model, list(moe_layers or []))
+    if not source.layerwise:
         options = UnstructuredOptions(**{**options.__dict__, "sequential": False})
-    was_training = model.training
-    model.eval()
-    try:
-        if options.sequential:
-            return _sequential(model, list(batches), options, moe_layers)
-        return _one_shot(model, list(batches), options, moe_layers, progress)
-    finally:
-        model.train(was_training)
-
-
-def _sequential(
-    model: nn.Module, batches: list[torch.Tensor], options: UnstructuredOptions, moe_layers: list[MoELayer]
-) -> UnstructuredReport:
-    report = UnstructuredReport()
-    pipeline = SequentialPipeline.from_model(model, batches)
-    sparsities = {path: options.sparsity for path in pipeline.paths}
-    if options.algorithm == "owl":
-        start, _ = pipeline.clone_inputs()
-        ratios, sizes = {}, {}
-        for step in pipeline:  # outlier shares of the unpruned model, layer by layer
-            targets = _group_targets(step.layer, step.path, moe_layers, options)
-            observed, outputs = _observe(step.run, targets)
-            ratios[step.path], sizes[step.path] = _outlier_ratio(targets, observed, options.owl_m)
-            step.advance(outputs)
-        report.forward_passes += len(batches)  # one sweep = one pass per batch (capture included)
-        pipeline.hidden = start
-        pruned = [p for p in pipeline.paths if sizes[p] > 0]
-        values = owl_layer_sparsities(
-            [ratios[p] for p in pruned], options.sparsity, options.owl_lambda, [sizes[p] for p in pruned]
-        )
-        sparsities.update(dict(zip(pruned, values, strict=True)))
-        report.outlier_ratios = {p: ratios[p] for p in pruned}
-    for step in pipeline:
-        targets = _group_targets(step.layer, step.path, moe_layers, options)
-        if targets.empty():
-            step.advance()
-            continue
-        observed, _ = _observe(step.run, targets)
-        report.weight_sparsity.update(_prune_group(targets, observed, sparsities[step.path], options.nm))
-        report.layer_sparsity[step.path] = sparsities[step.path]
-        step.advance()  # re-run the pruned layer: the next layer sees pruned inputs
-    report.forward_passes += len(batches)
-    return report
-
-
-def _one_shot(
-    model: nn.Module,
-    batches: list[torch.Tensor],
-    options: UnstructuredOptions,
-    moe_layers: list[MoELayer],
-    progress: bool,
-) -> UnstructuredReport:
-    report = UnstructuredReport()
-    everything = _group_targets(model, "", moe_layers, options)
-    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
-    observed, passes = _observe(
-        lambda: run_calibration(model, batches, is_encoder_decoder=encoder_decoder, progress=progress),
-        everything,
-    )
-    report.forward_passes += passes
-    groups: dict[str, _Targets] = {}
-    for layer in everything.moe:
-        groups.setdefault(_group_key(layer.path), _Targets([], {})).moe.append(layer)
-    for path, module in everything.linears.items():
-        groups.setdefault(_group_key(path), _Targets([], {})).linears[path] = module
-    sparsities = dict.fromkeys(groups, options.sparsity)
-    if options.algorithm == "owl":
-        stats = {key: _outlier_ratio(group, observed, options.owl_m) for key, group in groups.items()}
-        values = owl_layer_sparsities(
-            [stats[k][0] for k in groups], options.sparsity, options.owl_lambda, [stats[k][1] for k in groups]
-        )
-        sparsities = dict(zip(groups, values, strict=True))
-        report.outlier_ratios = {k: stats[k][0] for k in groups}
-    for key, group in groups.items():
-        report.weight_sparsity.update(_prune_group(group, observed, sparsities[key], options.nm))
-        report.layer_sparsity[key] = sparsities[key]
-    return report
+    method = WeightPruning(options)
+    step = run_method(source, method, list(batches), progress=progress)
+    method.report.forward_passes = step.forward_passes
+    return method.report
 
 
 def wanda_prune_(
@@ -374,14 +346,6 @@ def owl_prune_(
     return unstructured_prune_(
         model, batches, UnstructuredOptions(sparsity, "owl", targets=targets, **options), moe_layers
     )
-
-
-def has_decoder_layers(model: nn.Module) -> bool:
-    try:
-        find_decoder_layers(model)
-    except ValueError:
-        return False
-    return True
 
 
 def options_from_config(config: Any, algorithm: str | None = None) -> UnstructuredOptions:

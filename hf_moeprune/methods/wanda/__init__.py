@@ -14,10 +14,17 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ..base import ExpertMethod, MethodContext, MethodResult
+from torch import nn
+
+from ...moe_layers import MoELayer
+from ..base import ExpertMethod, Needs, UnitResult
 from ..registry import register_method
-from ..unstructured import options_from_config, unstructured_prune_
+from ..unstructured import WeightPruning, options_from_config
+
+if TYPE_CHECKING:
+    from ...pipeline import Observation, Unit
 
 
 @dataclass
@@ -50,16 +57,29 @@ class UnstructuredMethod(ExpertMethod):
             raise ValueError(f"Method {self.name!r} needs weight_sparsity (or nm_pattern).")
         options_from_config(self.config, self.algorithm)  # option errors before calibration
 
-    def run(self, context: MethodContext) -> MethodResult:
-        report = unstructured_prune_(
-            context.model,
-            context.calibration.batches,
-            options_from_config(self.config, self.algorithm),
-            context.layers,
-            progress=context.progress,
-        )
-        context.forward_passes += report.forward_passes
-        return MethodResult(plan=None, weight_sparsity=report.weight_sparsity, details=report.details())
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.engine = WeightPruning(options_from_config(config, self.algorithm), self.name)
+
+    @property
+    def needs(self) -> Needs:
+        return self.engine.needs
+
+    def linear_targets(self, unit: Unit) -> dict[str, nn.Linear]:
+        return self.engine.linear_targets(unit)
+
+    def summarize(self, unit: Unit, observation: Observation) -> tuple:
+        return self.engine.summarize(unit, observation)
+
+    def decide(self, summaries: dict | None, layers: list[MoELayer]) -> dict[str, float] | None:
+        decision = self.engine.decide(summaries, layers)
+        self.details = self.engine.details
+        return decision
+
+    def reduce(self, unit: Unit, observation: Observation | tuple, decision: dict | None) -> UnitResult:
+        result = self.engine.reduce(unit, observation, decision)
+        self.details = self.engine.details
+        return result
 
 
 @register_method

@@ -1,0 +1,110 @@
+"""Where a pipeline's units come from: the model in memory, or decoder layers streamed from safetensors.
+
+Both sources give the runner the same units in the same order, so a method cannot tell them apart and the
+two paths produce the same tensors. `InMemorySource` walks the loaded model. `StreamingSource` holds the
+model on the meta device and, per decoder layer, reads that layer's tensors from the checkpoint's shards
+(converted to the model's layout by transformers' own weight conversion), yields it, writes the reduced
+layer into the output shards and returns it to the meta device; the next layer is read in a background
+thread while the current one is computed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..calibration.sequential import LayerInputs, capture_layer_inputs
+from ..moe_layers import MoELayer
+from .shards import CheckpointReader, ShardWriter
+from .units import Unit, block_units, decoder_units, is_layerwise
+
+Weights = Literal["all", "router"]
+
+
+class InMemorySource:
+    """The loaded model's own layers: nothing is read or written."""
+
+    def __init__(self, model: nn.Module, moe_layers: Sequence[MoELayer]) -> None:
+        self.model = model
+        self.moe_layers = list(moe_layers)
+        self.layerwise = is_layerwise(model)
+        self.units = decoder_units(model, moe_layers) if self.layerwise else block_units(model, moe_layers)
+
+    def capture(self, batches: Sequence[torch.Tensor]) -> LayerInputs:
+        return capture_layer_inputs(self.model, batches)
+
+    def walk(self, weights: Weights = "all", write: bool = False) -> Iterator[Unit]:
+        yield from self.units
+
+
+class StreamingSource(InMemorySource):
+    """Decoder layers read from `reader` one at a time onto `device`; with `write`, reduced layers go to
+    `writer`. The model passed in is on the meta device except its buffers."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        moe_layers: Sequence[MoELayer],
+        reader: CheckpointReader,
+        writer: ShardWriter | None,
+        device: torch.device,
+    ) -> None:
+        super().__init__(model, moe_layers)
+        if not self.layerwise:
+            raise ValueError(
+                f"{type(model).__name__} is not a single stack of decoder layers, so it cannot be streamed; "
+                "load it in memory (drop --streaming)."
+            )
+        self.reader, self.writer, self.device = reader, writer, device
+        self.keys = reader.keys_by_unit([unit.path for unit in self.units])
+        self.reader.load_into(model, reader.read(self.keys[None]))  # embedding, norm, head: kept all along
+        if getattr(model.config, "tie_word_embeddings", False):
+            model.tie_weights()
+        inside = tuple(unit.path + "." for unit in self.units)
+        for name, module in model.named_modules():
+            if not name.startswith(inside):
+                module._apply(_loaded_to(device), recurse=False)
+
+    def walk(self, weights: Weights = "all", write: bool = False) -> Iterator[Unit]:
+        chosen = [self._keys(unit, weights) for unit in self.units]
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending: Future = pool.submit(self.reader.read, chosen[0])
+            for position, unit in enumerate(self.units):
+                tensors = pending.result()
+                if position + 1 < len(self.units):
+                    pending = pool.submit(self.reader.read, chosen[position + 1])
+                self.reader.load_into(self.model, tensors)
+                del tensors
+                unit.module._apply(_loaded_to(self.device))
+                check_finite(unit.module, unit.path)
+                yield unit
+                if write and self.writer is not None:
+                    self.writer.write_module(self.model, unit.path, unit.module, position)
+                unit.module.to("meta")
+        if write and self.writer is not None:
+            self.writer.write_outside(self.model, [unit.path for unit in self.units])
+
+    def _keys(self, unit: Unit, weights: Weights) -> list[str]:
+        keys = self.keys[unit.path]
+        if weights == "all":
+            return keys
+        routers = tuple(layer.router_path + "." for layer in unit.moe_layers)
+        return [key for key in keys if self.reader.target_of(key).startswith(routers)]
+
+
+def _loaded_to(device: torch.device):
+    """A tensor function for `Module._apply` that moves loaded tensors and leaves meta ones alone."""
+    return lambda tensor: tensor if tensor.device.type == "meta" else tensor.to(device)
+
+
+def check_finite(module: nn.Module, prefix: str) -> None:
+    """A ValueError naming the first loaded floating-point tensor holding NaN or infinity."""
+    for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+        if tensor.is_floating_point() and tensor.device.type != "meta" and not torch.isfinite(tensor).all():
+            raise ValueError(
+                f"Weight {prefix}.{name!r} contains NaN or infinite values; refusing to prune a broken model."
+            )
