@@ -107,7 +107,7 @@ class MoEPruneModel(nn.Module):
             options = {"vocab_size": getattr(self.model.config, "vocab_size", None), **calibration_options}
             data = prepare_calibration(calibration, tokenizer or self.tokenizer, **options)
         source = InMemorySource(self.model, layers)
-        report = run_step(lambda: source, method, data.batches if data is not None else None, progress=self.progress)
+        report = run_step(lambda phase: source, method, data.batches if data is not None else None, progress=self.progress)
         self.record_step(config, report, data.record() if data is not None else None)
         return self
 

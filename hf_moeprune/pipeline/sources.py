@@ -10,7 +10,7 @@ thread while the current one is computed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Literal
 
@@ -37,13 +37,21 @@ class InMemorySource:
     def capture(self, batches: Sequence[torch.Tensor]) -> LayerInputs:
         return capture_layer_inputs(self.model, batches)
 
-    def walk(self, weights: Weights = "all", write: bool = False) -> Iterator[Unit]:
-        yield from self.units
+    def load(self, position: int, weights: Weights = "all") -> Unit:
+        """The unit at `position`, its weights in memory (`weights="router"`: at least the router rows)."""
+        return self.units[position]
+
+    def finish(self, unit: Unit, write: bool) -> None:
+        """Done with `unit` for this sweep (streaming: write it if asked, then free it)."""
+
+    def close(self, write: bool) -> None:
+        """The sweep is over (streaming: write what lies outside the units and the shard index)."""
 
 
 class StreamingSource(InMemorySource):
     """Decoder layers read from `reader` one at a time onto `device`; with `write`, reduced layers go to
-    `writer`. The model passed in is on the meta device except its buffers."""
+    `writer`. The model passed in is on the meta device except its buffers. At most two decoder layers are
+    in memory at once: the one being computed and the next one being read."""
 
     def __init__(
         self,
@@ -60,6 +68,8 @@ class StreamingSource(InMemorySource):
                 "load it in memory (drop --streaming)."
             )
         self.reader, self.writer, self.device = reader, writer, device
+        self._pool: ThreadPoolExecutor | None = None
+        self._prefetched: dict[tuple[int, str], Future] = {}
         self.keys = reader.keys_by_unit([unit.path for unit in self.units])
         self.reader.load_into(model, reader.read(self.keys[None]))  # embedding, norm, head: kept all along
         if getattr(model.config, "tie_word_embeddings", False):
@@ -69,22 +79,33 @@ class StreamingSource(InMemorySource):
             if not name.startswith(inside):
                 module._apply(_loaded_to(device), recurse=False)
 
-    def walk(self, weights: Weights = "all", write: bool = False) -> Iterator[Unit]:
-        chosen = [self._keys(unit, weights) for unit in self.units]
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending: Future = pool.submit(self.reader.read, chosen[0])
-            for position, unit in enumerate(self.units):
-                tensors = pending.result()
-                if position + 1 < len(self.units):
-                    pending = pool.submit(self.reader.read, chosen[position + 1])
-                self.reader.load_into(self.model, tensors)
-                del tensors
-                unit.module._apply(_loaded_to(self.device))
-                check_finite(unit.module, unit.path)
-                yield unit
-                if write and self.writer is not None:
-                    self.writer.write_module(self.model, unit.path, unit.module, position)
-                unit.module.to("meta")
+    def load(self, position: int, weights: Weights = "all") -> Unit:
+        unit = self.units[position]
+        pending = self._prefetched.pop((position, weights), None)
+        tensors = pending.result() if pending is not None else self.reader.read(self._keys(unit, weights))
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeprune-prefetch")
+        if position + 1 < len(self.units):  # read the next layer while this one is computed
+            following = self.units[position + 1]
+            self._prefetched[(position + 1, weights)] = self._pool.submit(
+                self.reader.read, self._keys(following, weights)
+            )
+        self.reader.load_into(self.model, tensors)
+        del tensors
+        unit.module._apply(_loaded_to(self.device))
+        check_finite(unit.module, unit.path)
+        return unit
+
+    def finish(self, unit: Unit, write: bool) -> None:
+        if write and self.writer is not None:
+            self.writer.write_module(self.model, unit.path, unit.module, unit.index)
+        unit.module.to("meta")
+
+    def close(self, write: bool) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._prefetched.clear()
         if write and self.writer is not None:
             self.writer.write_outside(self.model, [unit.path for unit in self.units])
 

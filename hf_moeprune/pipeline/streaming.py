@@ -9,6 +9,7 @@ atomically, as `save_pretrained` does, and the input is only ever read.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -16,13 +17,15 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import check_output_dir, save_checkpoint
+from ..checkpoint import _process_alive, check_output_dir, save_checkpoint
 from ..config import MoEPruneConfig
 from ..methods import get_method
 from .shards import CheckpointReader, ShardWriter, checkpoint_bytes
 from .sources import StreamingSource
 
 PARTIAL_TAG = "moeprune-partial"
+STATE_FILE = "resume.pt"
+logger = logging.getLogger(__name__)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -94,6 +97,7 @@ def reduce_checkpoint(
     dtype: str | torch.dtype | None = None,
     trust_remote_code: bool = False,
     overwrite: bool = False,
+    resume: bool = False,
     progress: bool = True,
     hub_kwargs: dict[str, Any] | None = None,
     **calibration_options: Any,
@@ -108,6 +112,7 @@ def reduce_checkpoint(
         calibration: As for `prune_experts`; data-free methods ignore it.
         device: Where each layer runs: `cpu`, `cuda`, `cuda:N` or `auto`.
         dtype: Compute and output dtype; default the checkpoint's.
+        resume: Continue an interrupted run of the same recipe after its last finished layer.
         **calibration_options: `seq_len`, `batch_size`, `max_sequences`, `description`.
     """
     from transformers import AutoConfig, AutoTokenizer
@@ -140,34 +145,85 @@ def reduce_checkpoint(
         data = prepare_calibration(calibration, tokenizer, **options)
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.parent / f".{output.name}.{PARTIAL_TAG}-{os.getpid()}"
-    written: list[Path] = []
+    partial = output.parent / f".{output.name}.{PARTIAL_TAG}"
+    fingerprint = {
+        "input": str(folder), "input_bytes": checkpoint_bytes(folder), "recipe": config.to_dict(),
+        "dtype": str(torch_dtype), "calibration": data.record() if data is not None else None,
+    }
+    state = _previous_run(partial, fingerprint, resume=resume, overwrite=overwrite)
 
-    def next_source() -> StreamingSource:
-        previous = written[-1] if written else folder
-        target = partial / f"phase-{len(written)}"
-        target.mkdir(parents=True)
-        if len(written) >= 2:
-            shutil.rmtree(written[-2])  # two phases back: no longer read by anyone
-        reader = CheckpointReader(previous, meta, torch_dtype)
-        source = StreamingSource(meta, layers, reader, None, target_device)
+    def phase_source(phase: int) -> StreamingSource:
+        target = partial / f"phase-{phase}"
+        target.mkdir(parents=True, exist_ok=True)
+        if phase >= 2:
+            shutil.rmtree(partial / f"phase-{phase - 2}", ignore_errors=True)  # no longer read by anyone
+        previous = partial / f"phase-{phase - 1}" if phase else folder
+        source = StreamingSource(meta, layers, CheckpointReader(previous, meta, torch_dtype), None, target_device)
         source.writer = ShardWriter(target, len(source.units))
-        written.append(target)
         return source
 
+    def save_state(progress_state: dict[str, Any]) -> None:
+        _write_state(partial, {"fingerprint": fingerprint, "pid": os.getpid(), **progress_state})
+
     def move_shards(staging: Path) -> None:
-        for item in written[-1].iterdir():
+        last = max(partial.glob("phase-*"), key=lambda path: int(path.name.split("-")[1]))
+        for item in last.iterdir():
             os.replace(item, staging / item.name)
 
     from .runner import run_step
 
     try:
-        report = run_step(next_source, method, data.batches if data is not None else None, progress=progress)
+        report = run_step(
+            phase_source, method, data.batches if data is not None else None, progress=progress,
+            moe_layers=layers, resume=state, save_state=save_state,
+        )
         wrapper.record_step(config, report, data.record() if data is not None else None)
-        return save_checkpoint(
+        saved = save_checkpoint(
             meta, layers, wrapper.record, output, tokenizer=tokenizer, task=family.task,
             extra_files=lambda staging: _write_card(staging, output.name), overwrite=overwrite, source=folder,
             write_weights=move_shards,
         )
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
+    except BaseException:
+        if (partial / STATE_FILE).is_file():
+            logger.warning("Interrupted: the finished layers are kept in %s; run the same command with --resume "
+                           "to continue from there.", partial)
+        else:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    shutil.rmtree(partial, ignore_errors=True)
+    return saved
+
+
+def _write_state(partial: Path, state: dict[str, Any]) -> None:
+    """Atomically replace the resume state (a crash leaves the previous layer's state, never half a file)."""
+    temporary = partial / (STATE_FILE + ".tmp")
+    torch.save(state, temporary)
+    os.replace(temporary, partial / STATE_FILE)
+
+
+def _previous_run(partial: Path, fingerprint: dict[str, Any], *, resume: bool, overwrite: bool) -> dict | None:
+    """The state to resume from, or None to start afresh; refuses to discard or mix up an interrupted run."""
+    state_file = partial / STATE_FILE
+    if not partial.exists():
+        if resume:
+            logger.warning("Nothing to resume beside the output (no %s); starting from the first layer.", partial)
+        return None
+    state = torch.load(state_file, weights_only=False) if state_file.is_file() else None
+    if state is not None and state["pid"] != os.getpid() and _process_alive(state["pid"]):
+        raise RuntimeError(f"Another run (process {state['pid']}) is writing {partial}; wait for it to finish.")
+    if state is None or (overwrite and not resume):
+        shutil.rmtree(partial)  # nothing finished yet, or the user asked to start over
+        return None
+    where = f"phase {len(state['phases']) + 1}, {state['current']['done'] + 1} layer(s) finished"
+    if not resume:
+        raise FileExistsError(
+            f"{partial} holds an interrupted run of this output ({where}); pass --resume / resume=True to "
+            "continue it, or --overwrite / overwrite=True to start over."
+        )
+    if state["fingerprint"] != fingerprint:
+        raise ValueError(
+            f"{partial} holds an interrupted run of a different recipe, input or calibration set; rerun that "
+            "exact command with --resume, or pass --overwrite without --resume to start over."
+        )
+    logger.warning("Resuming from %s: %s.", partial, where)
+    return {"phases": state["phases"], "current": state["current"]}
