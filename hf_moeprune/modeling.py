@@ -231,7 +231,7 @@ class _AutoMoEPruneModel:
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> MoEPruneModel:
         from transformers import AutoConfig, AutoTokenizer
 
-        tokenizer_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir") if k in kwargs}
+        tokenizer_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "trust_remote_code") if k in kwargs}
         config = kwargs.pop("config", None) or AutoConfig.from_pretrained(pretrained_model_name_or_path, **tokenizer_kwargs)
         spec = registered_families_by_type().get(config.model_type)
         if spec is not None and spec.task != cls.task:

@@ -29,6 +29,21 @@ def add_recipe_arguments(parser: argparse.ArgumentParser, default_method: str) -
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-sequences", type=int, default=128)
+    placement = parser.add_argument_group("precision, placement and streaming")
+    placement.add_argument("--device", default="cpu",
+                           help="Where layers run: cpu, cuda, cuda:N or auto (a GPU when there is one).")
+    placement.add_argument("--dtype", help="Compute and output dtype: bfloat16, float16 or float32 "
+                           "(default: the checkpoint's own).")
+    placement.add_argument("--max-memory", metavar="DEV=SIZE,...",
+                           help="In-memory path: per-device limits for device_map='auto', e.g. 0=70GiB,cpu=200GiB.")
+    placement.add_argument("--trust-remote-code", action="store_true",
+                           help="Allow the checkpoint's own modelling code (only for checkpoints you trust).")
+    mode = placement.add_mutually_exclusive_group()
+    mode.add_argument("--streaming", action="store_true", help="Stream decoder layers from the safetensors shards "
+                      "(one layer in memory at a time). Default: when the checkpoint would not fit in memory twice.")
+    mode.add_argument("--in-memory", action="store_true", help="Load the whole model even if it is large.")
+    placement.add_argument("--resume", action="store_true",
+                           help="Streaming: continue an interrupted run of the same command after its last layer.")
     parser.add_argument("--output", required=True, help="Folder for the reduced checkpoint (new or empty).")
     parser.add_argument("--overwrite", action="store_true",
                         help="Replace --output if it holds an earlier hf_moeprune checkpoint (never other data).")
@@ -125,7 +140,7 @@ def run_recipe(args: argparse.Namespace, merge: bool) -> int:
     from ..checkpoint import check_output_dir
     from ..families import family_for_model_type
     from ..methods import get_method
-    from ..modeling import AutoMoEPruneModelForCausalLM, AutoMoEPruneModelForSeq2SeqLM
+    from ..pipeline.streaming import resolve_device, resolve_dtype
 
     check_recipe_arguments(args, merge)
     config = _with_cli_names(recipe_from_args, args)
@@ -136,19 +151,86 @@ def run_recipe(args: argparse.Namespace, merge: bool) -> int:
     model_path = args.model or default_model()
     check_model_path(model_path)
     _with_cli_names(check_output_dir, args.output, overwrite=args.overwrite, source=model_path)  # before loading
-    family = family_for_model_type(AutoConfig.from_pretrained(model_path).model_type)
-    auto = AutoMoEPruneModelForSeq2SeqLM if family.task == "seq2seq-lm" else AutoMoEPruneModelForCausalLM
-    model = auto.from_pretrained(model_path)
+    device = resolve_device(args.device)
+    model_config = AutoConfig.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
+    resolve_dtype(args.dtype, model_config)
+    family = family_for_model_type(model_config.model_type)
+    streaming = args.streaming or (not args.in_memory and should_stream(model_path, model_config))
+    if args.resume and not streaming:
+        raise ValueError("--resume continues streaming runs only; add --streaming.")
     options = dict(seq_len=args.seq_len, batch_size=args.batch_size, max_sequences=args.max_sequences,
                    description=args.calibration or "hf_moeprune bundled calibration sample (BBC News + Shakespeare)")
-    step = model.merge_experts if merge else model.prune_experts
-    _with_cli_names(step, config, calibration=texts, **options)
-    folder = model.save_pretrained(args.output, overwrite=args.overwrite)
+    if streaming:
+        from ..pipeline.streaming import reduce_checkpoint
+
+        folder = _with_cli_names(
+            reduce_checkpoint, model_path, args.output, config, calibration=texts, device=device, dtype=args.dtype,
+            trust_remote_code=args.trust_remote_code, overwrite=args.overwrite, resume=args.resume, **options,
+        )
+        record = json.loads((folder / "config.json").read_text())["moeprune"]
+    else:
+        model = _load_in_memory(model_path, family.task, args, device)
+        step = model.merge_experts if merge else model.prune_experts
+        _with_cli_names(step, config, calibration=texts, **options)
+        folder = model.save_pretrained(args.output, overwrite=args.overwrite)
+        record = model.record
     from .inspect import print_table
 
-    print_table(model.record)
+    print_table(record)
     print(f"Saved {folder}")
     return 0
+
+
+def should_stream(model_path: str, model_config: Any) -> bool:
+    """Stream a local decoder-only safetensors checkpoint that would not fit in memory twice over
+    (loading plus the copy the in-memory path makes while saving)."""
+    from ..pipeline.shards import checkpoint_bytes
+
+    folder = Path(model_path).expanduser()
+    if not folder.is_dir() or getattr(model_config, "is_encoder_decoder", False):
+        return False
+    try:
+        size = checkpoint_bytes(folder)
+    except ValueError:  # no safetensors: only the in-memory loader reads it
+        return False
+    return 2.5 * size > available_memory()
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation (MemAvailable on Linux; physical memory elsewhere)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def parse_max_memory(text: str) -> dict[int | str, str]:
+    """`0=70GiB,cpu=200GiB` -> {0: "70GiB", "cpu": "200GiB"} (accelerate's `max_memory`)."""
+    limits: dict[int | str, str] = {}
+    for item in text.split(","):
+        device, sep, size = item.strip().partition("=")
+        if not sep or not size.strip():
+            raise ValueError(f"--max-memory expects DEVICE=SIZE pairs such as 0=70GiB,cpu=200GiB; got {text!r}.")
+        device = device.strip()
+        limits[int(device) if device.isdigit() else device] = size.strip()
+    return limits
+
+
+def _load_in_memory(model_path: str, task: str, args: argparse.Namespace, device: Any):
+    from ..modeling import AutoMoEPruneModelForCausalLM, AutoMoEPruneModelForSeq2SeqLM
+
+    kwargs: dict[str, Any] = {"trust_remote_code": args.trust_remote_code}
+    if args.dtype:
+        kwargs["dtype"] = args.dtype
+    if args.max_memory:
+        kwargs.update(device_map="auto", max_memory=parse_max_memory(args.max_memory))
+    elif device.type != "cpu":
+        kwargs["device_map"] = str(device)
+    auto = AutoMoEPruneModelForSeq2SeqLM if task == "seq2seq-lm" else AutoMoEPruneModelForCausalLM
+    return auto.from_pretrained(model_path, **kwargs)
 
 
 _CLI_NAMES = {
