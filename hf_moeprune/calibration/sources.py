@@ -168,8 +168,13 @@ def _load_file(path: Path, split: str | None) -> Any:
 
 def _load(name: str, load: Any) -> Any:
     """Run a `datasets` loader; its failure becomes one line naming `name` (and the bad line of a text file)."""
+    import datasets
+
     from .data import json_lines, text_file_lines
 
+    logger = datasets.logging.get_logger("datasets")
+    level = logger.level
+    logger.setLevel(datasets.logging.CRITICAL)  # its own error log would repeat the one-line error raised below
     try:
         return load()
     except Exception as error:
@@ -181,6 +186,8 @@ def _load(name: str, load: Any) -> Any:
         cause = error.__cause__ or error
         message = " ".join(str(cause).split()) or type(cause).__name__
         raise ValueError(f"{name}: datasets could not read it ({type(cause).__name__}: {message}).") from error
+    finally:
+        logger.setLevel(level)
 
 
 def _pick_split(loaded: Any, split: str | None, name: str) -> Any:

@@ -30,7 +30,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     """Descriptions keep their line breaks; an option's help ends with its default when it has a real one."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default in (None, False, [], argparse.SUPPRESS) or "(default" in (action.help or ""):
+        no_default = action.default is None or action.default is False or action.default == []
+        if no_default or action.default == argparse.SUPPRESS or "(default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
