@@ -156,6 +156,8 @@ def test_prune_push_and_load_back(local_hub: LocalHubServer, tmp_path: Path) -> 
     assert {"moe", "pruned", "frequency"} <= set(data["tags"])
     assert read_recipes_from_card(card) == [config]
     assert 'from_pretrained("me/x")' in str(card)
+    calibration = model.record["steps"][0]["calibration"]
+    assert f"(16 per sequence). SHA-256 of the token ids: `{calibration['token_sha256']}`" in str(card)
     assert not local_hub.unhandled
 
 

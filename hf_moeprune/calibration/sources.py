@@ -99,8 +99,9 @@ def dataset_rows(
     """
     where = where or "The calibration dataset"
     if column not in dataset.column_names:
-        hint = " (chat data: pass chat_template=True, or text_column=NAME)" if "messages" in dataset.column_names else ""
-        raise ValueError(f"{where}: no {column!r} column (columns: {dataset.column_names}){hint}.")
+        chat = "messages" in dataset.column_names and not chat_template
+        hint = "chat data: pass chat_template=True, or choose a column" if chat else "choose one"
+        raise ValueError(f"{where}: no {column!r} column (columns: {dataset.column_names}); {hint} with text_column=NAME.")
     if num_samples is not None:
         dataset = dataset.select(range(min(num_samples, len(dataset))))
     rows = list(dataset[column])
