@@ -1,4 +1,5 @@
-"""Calibration: reading user data (files, folders, Hub datasets), packing it into batches and collecting per-layer routing statistics."""
+"""Calibration: reading user data (files, folders, Hub datasets), packing it into batches, and collecting
+per-layer routing statistics."""
 
 from .data import CalibrationData, prepare_calibration, read_text_file
 from .sources import read_calibration_source

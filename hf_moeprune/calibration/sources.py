@@ -79,7 +79,7 @@ def load_calibration_dataset(source: str | os.PathLike, *, split: str | None = N
         return _load_file(path, split), name
     if path.is_dir():
         if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
-            return _pick_split(datasets.load_from_disk(str(path)), split, name), name
+            return _pick_split(_load(name, lambda: datasets.load_from_disk(str(path))), split, name), name
         return _load(name, lambda: datasets.load_dataset(str(path), split=split or DEFAULT_SPLIT)), name
     if not _could_be_hub_id(name):
         raise ValueError(
@@ -101,7 +101,8 @@ def dataset_rows(
     if column not in dataset.column_names:
         chat = "messages" in dataset.column_names and not chat_template
         hint = "chat data: pass chat_template=True, or choose a column" if chat else "choose one"
-        raise ValueError(f"{where}: no {column!r} column (columns: {dataset.column_names}); {hint} with text_column=NAME.")
+        columns = dataset.column_names
+        raise ValueError(f"{where}: no {column!r} column (columns: {columns}); {hint} with text_column=NAME.")
     if num_samples is not None:
         dataset = dataset.select(range(min(num_samples, len(dataset))))
     rows = list(dataset[column])
@@ -155,7 +156,8 @@ def _load_file(path: Path, split: str | None) -> Any:
     loader = DATA_FILE_LOADERS.get(Path(stem).suffix.lower())
     if loader is None:
         raise ValueError(
-            f"{path}: not a calibration file type datasets can read; use one of {', '.join(sorted(DATA_FILE_LOADERS))}."
+            f"{path}: not a calibration file type datasets can read; use one of "
+            f"{', '.join(sorted(DATA_FILE_LOADERS))}."
         )
     if path.stat().st_size == 0:
         raise ValueError(f"{path}: the calibration set is empty (the file has no bytes).")
@@ -164,7 +166,8 @@ def _load_file(path: Path, split: str | None) -> Any:
         options["delimiter"] = "\t"
     if split not in (None, DEFAULT_SPLIT):
         raise ValueError(f"{path}: a single file has only the {DEFAULT_SPLIT!r} split, not {split!r}; drop split=.")
-    return _load(str(path), lambda: datasets.load_dataset(loader, data_files=str(path), split=DEFAULT_SPLIT, **options))
+    files = str(path)
+    return _load(files, lambda: datasets.load_dataset(loader, data_files=files, split=DEFAULT_SPLIT, **options))
 
 
 def _load(name: str, load: Any) -> Any:

@@ -45,8 +45,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="Show the full traceback of an error.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for module in load_commands():
-        sub = subparsers.add_parser(module.NAME, help=module.HELP, description=getattr(module, "DESCRIPTION", module.HELP),
-                                    formatter_class=HelpFormatter)
+        description = getattr(module, "DESCRIPTION", module.HELP)
+        sub = subparsers.add_parser(module.NAME, help=module.HELP, description=description, formatter_class=HelpFormatter)
         module.add_arguments(sub)
         sub.set_defaults(run=module.run)
     return parser
