@@ -45,6 +45,7 @@ def workspace(tmp_path_factory, tiny_tokenizer):
     (root / "table.csv").write_text("body,label\nsome text,1\n")
     (root / "empty.jsonl").write_text("")
     (root / "cal.docx").write_bytes(b"PK\x03\x04")
+    (root / "chats.jsonl").write_text('{"messages": [{"role": "user", "content": "Hello"}]}\n')
     (root / "notes").mkdir()
     (root / "notes" / "keep.md").write_text("the user's notes")
     (root / "nomodel").mkdir()
@@ -136,6 +137,9 @@ CLI_CASES = [
                                 "--text-column", "body", "--split", "test"], 2, ["'train' split", "--split"]),
     ("chat-template-on-plain-text", ["prune", "--experts-per-layer", "3", "--chat-template"], 2,
      ["texts.txt", "no 'messages' column"]),
+    ("chat-template-tokenizer-without-one", ["prune", "--experts-per-layer", "3", "--calibration",
+                                             "{ws}/chats.jsonl", "--chat-template"], 2, ["--chat-template", "base",
+                                                                                          "no chat template"]),
     ("num-samples-zero", ["prune", "--experts-per-layer", "3", "--num-samples", "0"], 2, ["--num-samples"]),
     ("unknown-calibration-type", ["prune", "--experts-per-layer", "3", "--calibration", "{ws}/cal.docx"], 2,
      ["cal.docx", "not a calibration file type"]),
@@ -181,7 +185,8 @@ def test_cli_errors_before_the_model_loads(workspace, monkeypatch, capsys):
 
     monkeypatch.setattr(modeling._AutoMoEPruneModel, "from_pretrained", classmethod(refuse))
     for extra in (["--option", "distanse=1"], ["--calibration", str(workspace / "binary.txt")], ["--seq-len", "0"],
-                  ["--calibration", str(workspace / "table.csv")]):
+                  ["--calibration", str(workspace / "table.csv")],
+                  ["--calibration", str(workspace / "chats.jsonl"), "--chat-template"]):
         assert main(["prune", "--experts-per-layer", "3", "--model", str(workspace / "base"), *extra,
                      "--output", str(workspace / "out")]) == 2
         assert "hf-moeprune: error:" in capsys.readouterr().err

@@ -174,3 +174,20 @@ def test_cli_reads_a_hub_dataset_from_the_local_hub(local_hub, tmp_path, monkeyp
     assert record["description"] == "Hub dataset me/cal, split validation, column 'body', 8 rows"
     assert record["token_sha256"] == expected["token_sha256"] and record["seq_len"] == 32
     assert "calibration:" not in result.stderr  # --no-progress
+
+
+def test_cli_chat_template_on_an_instruct_tokenizer(tmp_path, chat_tokenizer):
+    from hf_moeprune.cli import main
+
+    conversations = [[{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]
+                     for i in range(12)]
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "messages": c}) + "\n" for i, c in enumerate(conversations)))
+    build_tiny_model("mixtral").save_pretrained(tmp_path / "base")
+    chat_tokenizer.save_pretrained(tmp_path / "base")
+    assert main(["prune", "--model", str(tmp_path / "base"), "--experts-per-layer", "3", "--calibration", str(path),
+                 "--chat-template", "--num-samples", "10", "--seq-len", "16", "--output", str(tmp_path / "out")]) == 0
+    record = json.loads((tmp_path / "out" / "config.json").read_text())["moeprune"]["steps"][0]["calibration"]
+    rendered = [chat_tokenizer.apply_chat_template(c, tokenize=False) for c in conversations[:10]]
+    assert record["token_sha256"] == prepare_calibration(rendered, chat_tokenizer, seq_len=16).sha256()
+    assert record["description"] == f"{path}, column 'messages', 10 rows, chat template applied"

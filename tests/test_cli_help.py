@@ -76,6 +76,7 @@ def test_no_progress_turns_the_calibration_bar_off(capsys):
     from hf_moeprune.calibration import run_calibration
 
     model, batches = build_tiny_model("mixtral"), [torch.ones(1, 4, dtype=torch.long)]
+    progress.enable_progress_bars()  # the switch is process-wide: start from the default
     run_calibration(model, batches)
     assert "calibration" in capsys.readouterr().err
     try:

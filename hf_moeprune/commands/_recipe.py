@@ -110,6 +110,19 @@ def check_model_path(name: str) -> None:
         raise FileNotFoundError(f"--model {name}: no such folder.")
 
 
+def check_chat_template(model_path: str) -> None:
+    """--chat-template needs the model's tokenizer to have one; found out before the weights load."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError, TypeError) as error:
+        raise ValueError(f"--chat-template: cannot load the tokenizer of {model_path} ({error}).") from None
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"--chat-template: the tokenizer of {model_path} has no chat template; drop --chat-template "
+                         "or use an instruct model.")
+
+
 def check_recipe_arguments(args: argparse.Namespace, merge: bool) -> None:
     """Everything that can be checked without the weights, in the CLI's own words."""
     from ..methods import get_method
@@ -157,6 +170,8 @@ def run_recipe(args: argparse.Namespace, merge: bool) -> int:
     rows, description = read_calibration(args) if method.needs_calibration else (None, None)
     model_path = args.model or default_model()
     check_model_path(model_path)
+    if args.chat_template:
+        check_chat_template(model_path)
     _with_cli_names(check_output_dir, args.output, overwrite=args.overwrite, source=model_path)  # before loading
     family = family_for_model_type(AutoConfig.from_pretrained(model_path).model_type)
     auto = AutoMoEPruneModelForSeq2SeqLM if family.task == "seq2seq-lm" else AutoMoEPruneModelForCausalLM
