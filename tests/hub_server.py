@@ -1,7 +1,8 @@
 """A small Hugging Face Hub-compatible HTTP server for tests (standard library only, in memory).
 
 It implements the endpoints the real `huggingface_hub` client uses to create a repo, validate a card, upload
-files (regular and LFS, "basic" transfer) in one commit, and download them again through `/resolve/`:
+files (regular and LFS, "basic" transfer) in one commit, and download them again through `/resolve/`, and those
+`datasets` uses to read a dataset repo:
 
     GET  /api/whoami-v2
     GET  /api/agent-harnesses                                (empty registry)
@@ -17,6 +18,8 @@ files (regular and LFS, "basic" transfer) in one commit, and download them again
     PUT  /_lfs/{repo}/{oid}                                  the LFS bytes (sha256 checked)
     POST /_lfs/{repo}/verify
     HEAD/GET /{repo}/resolve/{rev}/{path}                    X-Repo-Commit, ETag / X-Linked-Etag, X-Error-Code
+    GET  /api/datasets/{repo}[/revision/{rev}|/tree/{rev}]   dataset repos (read-only, from `add_repo_files`)
+    HEAD/GET /datasets/{repo}/resolve/{rev}/{path}           what `datasets.load_dataset("owner/name")` reads
 
 Repo ids must be `namespace/name`. Writes need `Authorization: Bearer <token>` with a token the server knows;
 private repos are invisible (404 RepoNotFound) without one. `fail_next()` injects transient errors. The server
