@@ -11,21 +11,25 @@ from typing import Any
 
 def add_recipe_arguments(parser: argparse.ArgumentParser, default_method: str, methods: list[str]) -> None:
     """The arguments of `prune` / `merge`; `methods` are the names listed in `--method`'s help."""
-    parser.add_argument("--model", metavar="DIR|HUB_ID", help="Checkpoint folder or Hub id (default: the bundled 8-expert testbed model).")
+    parser.add_argument("--model", metavar="DIR|HUB_ID",
+                        help="Checkpoint folder or Hub id (default: the bundled 8-expert testbed model).")
     parser.add_argument("--method", default=default_method, metavar="NAME",
                         help=f"Method name: {', '.join(methods)} (`hf-moeprune methods` lists their options).")
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--experts-per-layer", type=int, metavar="N", help="Experts kept in every MoE layer.")
-    target.add_argument("--expert-sparsity", type=float, metavar="FRACTION", help="Share of all experts to remove, in [0, 1).")
+    target.add_argument("--expert-sparsity", type=float, metavar="FRACTION",
+                        help="Share of all experts to remove, in [0, 1).")
     target.add_argument("--num-experts-total", type=int, metavar="N", help="Experts kept over all MoE layers.")
     parser.add_argument("--adaptive", action="store_true",
                         help="Let the method choose per-layer counts (a non-uniform checkpoint).")
-    parser.add_argument("--weight-sparsity", type=float, metavar="FRACTION", help="Unstructured sparsity inside the experts, in [0, 1).")
+    parser.add_argument("--weight-sparsity", type=float, metavar="FRACTION",
+                        help="Unstructured sparsity inside the experts, in [0, 1).")
     parser.add_argument("--unstructured", choices=["wanda", "owl"], help="Unstructured phase after expert pruning.")
     parser.add_argument("--nm", metavar="N:M", help="N:M pattern for the unstructured phase, e.g. 2:4.")
     parser.add_argument("--top-k", type=int, metavar="K", help="New router top-k (only to go below the model's).")
-    parser.add_argument("--seed", type=int, default=0, metavar="N", help="Seed of every random choice (random method, "
-                        "k-means, sampling); the same seed gives identical files.")
+    parser.add_argument("--seed", type=int, default=0, metavar="N",
+                        help="Seed of the methods' random choices (e.g. the random baseline, k-means); the same seed "
+                        "gives identical files.")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="Method option (value parsed as JSON when possible); repeatable.")
     data = parser.add_argument_group("calibration data")
@@ -33,18 +37,21 @@ def add_recipe_arguments(parser: argparse.ArgumentParser, default_method: str, m
                       help="A data file (.txt with blank-line separated documents, .json, .jsonl, .csv, .tsv, "
                       ".parquet), a folder of such files, a `save_to_disk` folder or a Hub dataset id "
                       "(default: the bundled BBC News + Shakespeare sample).")
-    data.add_argument("--split", metavar="NAME", help="Split of a folder, saved dataset or Hub dataset (default: train).")
+    data.add_argument("--split", metavar="NAME",
+                      help="Split of a folder, saved dataset or Hub dataset (default: train).")
     data.add_argument("--text-column", metavar="NAME",
                       help="Column holding the text (default: text; messages with --chat-template).")
     data.add_argument("--num-samples", type=int, metavar="N", help="Use only the first N rows (default: all).")
     data.add_argument("--chat-template", action="store_true",
                       help="Rows are chat messages ([{role, content}, ...]): render them with the tokenizer's "
                       "chat template, as an instruct model sees its input.")
-    data.add_argument("--seq-len", type=int, default=256, metavar="TOKENS", help="Tokens per packed calibration sequence.")
+    data.add_argument("--seq-len", type=int, default=256, metavar="TOKENS",
+                      help="Tokens per packed calibration sequence.")
     data.add_argument("--batch-size", type=int, default=8, metavar="N", help="Sequences per calibration forward pass.")
     data.add_argument("--max-sequences", type=int, default=128, metavar="N",
                       help="At most this many packed sequences (tokens used: at most seq-len x max-sequences).")
-    parser.add_argument("--output", required=True, metavar="DIR", help="Folder for the reduced checkpoint (new or empty).")
+    parser.add_argument("--output", required=True, metavar="DIR",
+                        help="Folder for the reduced checkpoint (new or empty).")
     parser.add_argument("--overwrite", action="store_true",
                         help="Replace --output if it holds an earlier hf_moeprune checkpoint (never other data).")
     parser.add_argument("--no-progress", action="store_true", help="No progress bars.")
@@ -86,8 +93,9 @@ def read_calibration(args: argparse.Namespace) -> tuple[list, str]:
         return default_calibration(), "hf_moeprune bundled calibration sample (BBC News + Shakespeare)"
     from ..calibration import read_calibration_source
 
-    return _with_cli_names(read_calibration_source, args.calibration, split=args.split, text_column=args.text_column,
-                           num_samples=args.num_samples, chat_template=args.chat_template)
+    return _with_cli_names(read_calibration_source, args.calibration, split=args.split,
+                           text_column=args.text_column, num_samples=args.num_samples,
+                           chat_template=args.chat_template)
 
 
 def looks_local(name: str) -> bool:
