@@ -1,7 +1,8 @@
 """A small Hugging Face Hub-compatible HTTP server for tests (standard library only, in memory).
 
 It implements the endpoints the real `huggingface_hub` client uses to create a repo, validate a card, upload
-files (regular and LFS, "basic" transfer) in one commit, and download them again through `/resolve/`:
+files (regular and LFS, "basic" transfer) in one commit, and download them again through `/resolve/`, and those
+`datasets` uses to read a dataset repo:
 
     GET  /api/whoami-v2
     GET  /api/agent-harnesses                                (empty registry)
@@ -17,6 +18,8 @@ files (regular and LFS, "basic" transfer) in one commit, and download them again
     PUT  /_lfs/{repo}/{oid}                                  the LFS bytes (sha256 checked)
     POST /_lfs/{repo}/verify
     HEAD/GET /{repo}/resolve/{rev}/{path}                    X-Repo-Commit, ETag / X-Linked-Etag, X-Error-Code
+    GET  /api/datasets/{repo}[/revision/{rev}|/tree/{rev}]   dataset repos (read-only, from `add_repo_files`)
+    HEAD/GET /datasets/{repo}/resolve/{rev}/{path}           what `datasets.load_dataset("owner/name")` reads
 
 Repo ids must be `namespace/name`. Writes need `Authorization: Bearer <token>` with a token the server knows;
 private repos are invisible (404 RepoNotFound) without one. `fail_next()` injects transient errors. The server
@@ -230,8 +233,12 @@ class LocalHubServer:
         assert commit is not None
         return commit.files[path].content
 
-    def add_repo_files(self, repo_id: str, files: dict[str, bytes], private: bool = False) -> str:
-        """Create (or update) a repo directly, without HTTP; returns the commit oid."""
+    def add_repo_files(
+        self, repo_id: str, files: dict[str, bytes], private: bool = False, repo_type: str = "model"
+    ) -> str:
+        """Create (or update) a repo directly, without HTTP; returns the commit oid. Dataset repos are read-only
+        over HTTP (served under /api/datasets/ and /datasets/, as the Hub does) and stored as `datasets/{id}`."""
+        repo_id = repo_id if repo_type == "model" else f"{repo_type}s/{repo_id}"
         with self._lock:
             repo = self.repos.get(repo_id) or self._create_repo(repo_id, private)
             head = repo.commits[repo.refs["main"]]
@@ -421,6 +428,9 @@ class _Handler(BaseHTTPRequestHandler):
             if len(rest) >= 3 and rest[0] == "models":
                 repo_id, tail = f"{rest[1]}/{rest[2]}", rest[3:]
                 return self._model_api(method, repo_id, tail, query, body)
+            if len(rest) >= 3 and rest[0] == "datasets" and method == "GET":
+                repo_id, tail = f"datasets/{rest[1]}/{rest[2]}", rest[3:]
+                return self._model_api(method, repo_id, tail, query, body)
             return False
         if (
             method == "POST"
@@ -441,6 +451,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return True
         if method in ("GET", "HEAD") and len(parts) >= 5 and parts[2] == "resolve":
             return self._resolve(method, f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:]))
+        if method in ("GET", "HEAD") and len(parts) >= 6 and parts[0] == "datasets" and parts[3] == "resolve":
+            return self._resolve(method, "/".join(parts[:3]), parts[4], "/".join(parts[5:]))
         return False
 
     def _create_repo(self, payload: dict[str, Any]) -> bool:
@@ -478,7 +490,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(
                 200,
                 {
-                    "id": repo_id,
+                    "id": repo_id.removeprefix("datasets/"),
                     "modelId": repo_id,
                     "sha": commit.oid,
                     "private": repo.private,

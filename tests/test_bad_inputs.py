@@ -42,6 +42,10 @@ def workspace(tmp_path_factory, tiny_tokenizer):
     (root / "binary.txt").write_bytes(b"fine first line\n\xff\xfe\x00 binary\n")
     (root / "broken.jsonl").write_text('{"text": "ok"}\n\n{"text": "ok"}\n{"text": oops}\n')
     (root / "fields.jsonl").write_text('{"text": "ok"}\n{"content": "x", "id": 3}\n')
+    (root / "table.csv").write_text("body,label\nsome text,1\n")
+    (root / "empty.jsonl").write_text("")
+    (root / "cal.docx").write_bytes(b"PK\x03\x04")
+    (root / "chats.jsonl").write_text('{"messages": [{"role": "user", "content": "Hello"}]}\n')
     (root / "notes").mkdir()
     (root / "notes" / "keep.md").write_text("the user's notes")
     (root / "nomodel").mkdir()
@@ -123,6 +127,24 @@ CLI_CASES = [
      ["broken.jsonl", "line 4", "malformed JSON"]),
     ("jsonl-without-text", ["prune", "--experts-per-layer", "3", "--calibration", "{ws}/fields.jsonl"], 2,
      ["fields.jsonl", "line 2", "'text'", "content"]),
+    ("csv-wrong-column", ["prune", "--experts-per-layer", "3", "--calibration", "{ws}/table.csv"], 2,
+     ["table.csv", "no 'text' column", "body", "--text-column"]),
+    ("csv-missing-named-column", ["prune", "--experts-per-layer", "3", "--calibration", "{ws}/table.csv",
+                                  "--text-column", "content"], 2, ["no 'content' column"]),
+    ("empty-calibration-file", ["prune", "--experts-per-layer", "3", "--calibration", "{ws}/empty.jsonl"], 2,
+     ["empty.jsonl", "empty"]),
+    ("split-of-a-single-file", ["prune", "--experts-per-layer", "3", "--calibration", "{ws}/table.csv",
+                                "--text-column", "body", "--split", "test"], 2, ["'train' split", "--split"]),
+    ("chat-template-on-plain-text", ["prune", "--experts-per-layer", "3", "--chat-template"], 2,
+     ["texts.txt", "no 'messages' column"]),
+    ("chat-template-tokenizer-without-one", ["prune", "--experts-per-layer", "3", "--calibration",
+                                             "{ws}/chats.jsonl", "--chat-template"], 2, ["--chat-template", "base",
+                                                                                          "no chat template"]),
+    ("num-samples-zero", ["prune", "--experts-per-layer", "3", "--num-samples", "0"], 2, ["--num-samples"]),
+    ("unknown-calibration-type", ["prune", "--experts-per-layer", "3", "--calibration", "{ws}/cal.docx"], 2,
+     ["cal.docx", "not a calibration file type"]),
+    ("calibration-names-nothing", ["prune", "--experts-per-layer", "3", "--calibration", "./no/such/data"], 2,
+     ["--calibration", "names no file or folder"]),
     ("missing-local-model", ["prune", "--experts-per-layer", "3", "--model", "{ws}/missing-model"], 2,
      ["missing-model", "no such folder"]),
     ("relative-missing-model", ["prune", "--experts-per-layer", "3", "--model", "./no/such/model"], 2,
@@ -162,7 +184,9 @@ def test_cli_errors_before_the_model_loads(workspace, monkeypatch, capsys):
         raise AssertionError("the model must not be loaded for an invalid request")
 
     monkeypatch.setattr(modeling._AutoMoEPruneModel, "from_pretrained", classmethod(refuse))
-    for extra in (["--option", "distanse=1"], ["--calibration", str(workspace / "binary.txt")], ["--seq-len", "0"]):
+    for extra in (["--option", "distanse=1"], ["--calibration", str(workspace / "binary.txt")], ["--seq-len", "0"],
+                  ["--calibration", str(workspace / "table.csv")],
+                  ["--calibration", str(workspace / "chats.jsonl"), "--chat-template"]):
         assert main(["prune", "--experts-per-layer", "3", "--model", str(workspace / "base"), *extra,
                      "--output", str(workspace / "out")]) == 2
         assert "hf-moeprune: error:" in capsys.readouterr().err
@@ -260,7 +284,7 @@ def test_api_string_naming_a_file_is_read_as_that_file(model, tmp_path, sample_t
     path.write_text("\n\n".join(sample_texts))
     model.prune_experts(_frequency(), calibration=str(path), seq_len=32)
     calibration = model.record["steps"][0]["calibration"]
-    assert calibration["description"] == str(path)
+    assert calibration["description"].startswith(f"{path}, column 'text'")  # names the file and column
     assert calibration["num_tokens"] >= 32 * 4  # the texts' characters, not the 7 of the name
 
 

@@ -49,3 +49,39 @@ def test_help_does_not_import_torch():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stderr.strip().splitlines()[-1] == "False False"
+
+
+def test_prune_and_merge_help_differ_and_list_their_own_methods(capsys):
+    texts = {}
+    for command in ("prune", "merge"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        texts[command] = capsys.readouterr().out
+    assert texts["prune"] != texts["merge"]
+    for command, kinds in (("prune", ("prune", "unstructured")), ("merge", ("merge",))):
+        for name, kind in METHOD_KINDS.items():
+            description = texts[command].split("\n\n", 1)[1].split("options:")[0]  # after the usage lines
+            assert (name in description) == (kind in kinds), (command, name)
+    for option, default in (("--seq-len", "256"), ("--batch-size", "8"), ("--max-sequences", "128"),
+                            ("--seed", "0")):
+        entry = texts["prune"].split(option, 2)[2].split("\n  --")[0]  # the option's own entry, not the usage
+        assert f"(default: {default})" in " ".join(entry.split()), option
+
+
+def test_no_progress_turns_the_calibration_bar_off(capsys):
+    import torch
+    from conftest import build_tiny_model
+
+    from hf_moeprune import progress
+    from hf_moeprune.calibration import run_calibration
+
+    model, batches = build_tiny_model("mixtral"), [torch.ones(1, 4, dtype=torch.long)]
+    progress.enable_progress_bars()  # the switch is process-wide: start from the default
+    run_calibration(model, batches)
+    assert "calibration" in capsys.readouterr().err
+    try:
+        progress.disable_progress_bars()
+        run_calibration(model, batches)
+        assert "calibration" not in capsys.readouterr().err
+    finally:
+        progress.enable_progress_bars()

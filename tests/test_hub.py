@@ -26,7 +26,6 @@ from hf_moeprune.hub.card import GENERATED_MARKER, TEMPLATE_PATH
 local_hub = hub_fixtures.local_hub  # the fixture, shared with other test modules
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-FAST_RETRY = {"retry_wait": 0.01, "max_wait": 0.05}
 
 
 def _metadata(text: str) -> dict:
@@ -157,6 +156,8 @@ def test_prune_push_and_load_back(local_hub: LocalHubServer, tmp_path: Path) -> 
     assert {"moe", "pruned", "frequency"} <= set(data["tags"])
     assert read_recipes_from_card(card) == [config]
     assert 'from_pretrained("me/x")' in str(card)
+    calibration = model.record["steps"][0]["calibration"]
+    assert f"(16 per sequence). SHA-256 of the token ids: `{calibration['token_sha256']}`" in str(card)
     assert not local_hub.unhandled
 
 
@@ -173,31 +174,60 @@ def test_push_without_token_fails_clearly(local_hub: LocalHubServer, tmp_path: P
 def test_push_with_a_rejected_token(local_hub: LocalHubServer, tmp_path: Path) -> None:
     folder = make_handmade_checkpoint(tmp_path / "ck", with_extras=False)
     with pytest.raises(HubPushError, match="rejected the token"):
-        push_checkpoint(folder, "me/nope", token="hf_wrong", **FAST_RETRY)
+        push_checkpoint(folder, "me/nope", token="hf_wrong")
     assert "me/nope" not in local_hub.repos
 
 
-def test_push_to_an_unreachable_server(local_hub: LocalHubServer, tmp_path: Path, caplog) -> None:
+def test_bad_repo_id_or_pr_on_a_branch_fail_before_any_request(local_hub: LocalHubServer, tmp_path: Path) -> None:
+    folder = make_handmade_checkpoint(tmp_path / "ck", with_extras=False)
+    with pytest.raises(ValueError, match="not a Hub repository id"):
+        push_checkpoint(folder, "me/two/slashes")
+    with pytest.raises(ValueError, match="pull request is opened against main"):
+        push_checkpoint(folder, "me/pr", revision="dev", create_pr=True)
+    assert not local_hub.requests
+
+
+def test_push_to_an_unreachable_server(local_hub: LocalHubServer, tmp_path: Path) -> None:
     folder = make_handmade_checkpoint(tmp_path / "ck")
     before = folder_fingerprint(folder)
-    url = local_hub.url
     local_hub.stop()
-    with caplog.at_level(logging.WARNING, logger="hf_moeprune.hub.push"):
-        with pytest.raises(HubPushError, match="unreachable .* after 3 attempts"):
-            push_checkpoint(folder, "me/nope", endpoint=url, max_retries=2, **FAST_RETRY)
-    assert sum("retry" in record.getMessage() for record in caplog.records) == 2
+    with pytest.raises(HubPushError, match="unreachable .* run the push again"):
+        push_checkpoint(folder, "me/nope")
     assert folder_fingerprint(folder) == before
 
 
-def test_transient_failures_are_retried(local_hub: LocalHubServer, tmp_path: Path) -> None:
+def test_transient_transfer_failures_are_retried_by_huggingface_hub(
+    local_hub: LocalHubServer, tmp_path: Path, caplog
+) -> None:
     folder = make_handmade_checkpoint(tmp_path / "ck", with_extras=False)
-    local_hub.fail_next("POST", r"/api/repos/create$", times=1, status=502)
-    local_hub.fail_next("POST", r"/commit/", times=2, status=503)
-    info = push_checkpoint(folder, "me/flaky", **FAST_RETRY)
-    commits = [path for method, path in local_hub.requests if method == "POST" and "/commit/" in path]
-    assert len(commits) == 3
+    local_hub.fail_next("POST", r"/preupload/", times=1, status=502)
+    local_hub.fail_next("PUT", r"^/_lfs/", times=2, status=503)
+    with caplog.at_level(logging.WARNING, logger="huggingface_hub"):
+        info = push_checkpoint(folder, "me/flaky")
+    requests = local_hub.requests
+    assert sum(1 for m, p in requests if m == "POST" and "/preupload/" in p) == 2
+    assert sum(1 for m, p in requests if m == "PUT" and p.startswith("/_lfs/")) == 3  # one LFS file, 2 retries
+    assert sum("Retrying in" in record.getMessage() for record in caplog.records) == 3
     assert info.oid == local_hub.repos["me/flaky"].refs["main"]
     assert GENERATED_MARKER in local_hub.file("me/flaky", "README.md").decode()
+
+
+def test_failed_commit_is_reported_and_a_rerun_sends_no_weights_twice(
+    local_hub: LocalHubServer, tmp_path: Path
+) -> None:
+    # huggingface_hub does not retry the commit itself (a lost answer would duplicate the commit or the PR)
+    folder = make_handmade_checkpoint(tmp_path / "ck", with_extras=False)
+    before = folder_fingerprint(folder)
+    local_hub.fail_next("POST", r"/commit/", times=1, status=503)
+    with pytest.raises(HubPushError, match="Could not upload .* run the push again"):
+        push_checkpoint(folder, "me/rerun")
+    assert folder_fingerprint(folder) == before
+    assert "config.json" not in local_hub.repos["me/rerun"].resolve("main").files
+    uploads = sum(1 for m, p in local_hub.requests if m == "PUT" and p.startswith("/_lfs/"))
+    info = push_checkpoint(folder, "me/rerun")
+    assert sum(1 for m, p in local_hub.requests if m == "PUT" and p.startswith("/_lfs/")) == uploads == 1
+    assert info.oid == local_hub.repos["me/rerun"].refs["main"]
+    assert "config.json" in local_hub.repos["me/rerun"].resolve("main").files
 
 
 def test_cli_push_to_a_branch_and_as_pr(local_hub: LocalHubServer, tmp_path: Path, capsys) -> None:

@@ -1,6 +1,8 @@
-"""Calibration: packing user data into batches and collecting per-layer routing statistics."""
+"""Calibration: reading user data (files, folders, Hub datasets), packing it into batches, and collecting
+per-layer routing statistics."""
 
 from .data import CalibrationData, prepare_calibration, read_text_file
+from .sources import read_calibration_source
 from .statistics import LayerStatistics, StatisticsCollector, collect_statistics, run_calibration
 
 __all__ = [
@@ -9,6 +11,7 @@ __all__ = [
     "StatisticsCollector",
     "collect_statistics",
     "prepare_calibration",
+    "read_calibration_source",
     "read_text_file",
     "run_calibration",
 ]

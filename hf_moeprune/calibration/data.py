@@ -1,12 +1,14 @@
 """Turn what the user passes as `calibration=` into packed token batches.
 
-Texts are tokenised, joined with the EOS token and cut into blocks of `seq_len` tokens, so no batch carries
+Files, folders and Hub datasets are read with `datasets` (see `sources.py`); chat rows are rendered with the
+tokenizer's chat template. Texts are tokenised, joined with the EOS token and cut into blocks of `seq_len` tokens, so no batch carries
 padding and every token counts in the statistics (the packing Wanda and SparseGPT use).
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .sources import dataset_rows, default_column, read_calibration_source
 
 
 @dataclass
@@ -31,8 +35,23 @@ class CalibrationData:
     def num_tokens(self) -> int:
         return sum(int(b.numel()) for b in self.batches)
 
+    @property
+    def seq_len(self) -> int:
+        """Tokens per sequence (the longest, for a user's ragged token tensors)."""
+        return max(int(b.shape[-1]) for b in self.batches)
+
+    def sha256(self) -> str:
+        """Digest of the token ids in order: equal digests mean the model saw exactly the same calibration data."""
+        digest = hashlib.sha256()
+        for batch in self.batches:
+            digest.update(batch.to(torch.int64).contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
     def record(self) -> dict[str, Any]:
-        return {"description": self.description, "num_sequences": self.num_sequences, "num_tokens": self.num_tokens}
+        return {
+            "description": self.description, "num_sequences": self.num_sequences, "num_tokens": self.num_tokens,
+            "seq_len": self.seq_len, "token_sha256": self.sha256(),
+        }
 
 
 def prepare_calibration(
@@ -42,15 +61,24 @@ def prepare_calibration(
     seq_len: int = 256,
     batch_size: int = 8,
     max_sequences: int | None = 128,
-    text_column: str = "text",
+    text_column: str | None = None,
+    split: str | None = None,
+    num_samples: int | None = None,
+    chat_template: bool = False,
     description: str | None = None,
     vocab_size: int | None = None,
 ) -> CalibrationData:
-    """Accept a list of strings (with `tokenizer`), a `datasets.Dataset` with a text column, a 2-D tensor of
+    """Accept texts (with `tokenizer`), chat message lists (with `chat_template=True`), a `datasets.Dataset`, the
+    name of a data file, folder, saved dataset or Hub dataset (see `read_calibration_source`), a 2-D tensor of
     token ids or a list of 1-D/2-D token tensors; return packed batches.
 
-    A single string must name a calibration file (read with `read_text_file`); token ids must be integers in
-    `[0, vocab_size)` when `vocab_size` is given.
+    Args:
+        text_column: the dataset column to read (default `text`, or `messages` with `chat_template`).
+        split: the split of a folder, saved dataset or Hub dataset (default `train`).
+        num_samples: use only the first N rows / texts, before packing.
+        chat_template: render each row's messages with the tokenizer's chat template (instruct models).
+
+    Token ids must be integers in `[0, vocab_size)` when `vocab_size` is given.
 
     Raises:
         ValueError: the set is empty, has no usable tokens, has bad token ids, or strings come without a tokenizer.
@@ -59,19 +87,26 @@ def prepare_calibration(
         return calibration
     if calibration is None:
         raise ValueError("This method needs calibration data: pass calibration=list of texts, a Dataset or token ids.")
-    for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("max_sequences", max_sequences)):
+    for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("max_sequences", max_sequences),
+                        ("num_samples", num_samples)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be a whole number >= 1, got {value!r}.")
+    column = text_column or default_column(chat_template)
     if isinstance(calibration, (str, Path)):
-        if not Path(calibration).is_file():
-            raise ValueError(
-                f"calibration={str(calibration)!r} is a string that names no file; pass a list of texts "
-                "(calibration=[text, ...]) or the path of an existing .txt / .jsonl file."
-            )
-        description = description or str(calibration)
-        calibration = read_text_file(calibration)
+        calibration, read = read_calibration_source(
+            calibration, split=split, text_column=text_column, num_samples=num_samples, chat_template=chat_template
+        )
+        description = description or read
+    elif _is_dataset(calibration):
+        description = description or _describe(calibration)
+        calibration = dataset_rows(calibration, column, num_samples=num_samples, chat_template=chat_template,
+                                   where=description)
+    elif num_samples is not None and isinstance(calibration, (list, tuple)):
+        calibration = calibration[:num_samples]
+    if chat_template:
+        calibration = apply_chat_template(calibration, tokenizer)
     _check_token_ids(calibration, vocab_size)
-    rows = _token_rows(calibration, tokenizer, text_column)
+    rows = _token_rows(calibration, tokenizer)
     what = description or _describe(calibration)
     if isinstance(calibration, torch.Tensor) and calibration.dim() == 2:
         sequences = calibration.long()
@@ -90,6 +125,26 @@ def prepare_calibration(
     return CalibrationData(batches=batches, description=what)
 
 
+def apply_chat_template(conversations: Any, tokenizer: Any) -> list[str]:
+    """Each conversation (a list of `{"role", "content"}` messages) rendered as text by the tokenizer's template.
+
+    Raises:
+        ValueError: no tokenizer, a tokenizer without a chat template, or rows that are not message lists.
+    """
+    if tokenizer is None:
+        raise ValueError("chat_template=True needs a tokenizer: pass tokenizer=... (or load the model with one).")
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("The tokenizer has no chat template, so chat_template=True cannot apply; "
+                         "drop it or use an instruct model's tokenizer.")
+    if not isinstance(conversations, (list, tuple)) or not conversations:
+        raise ValueError("The calibration set is empty.")
+    for number, conversation in enumerate(conversations, start=1):
+        if not isinstance(conversation, list) or not all(isinstance(m, dict) for m in conversation):
+            raise ValueError(f"Calibration row {number}: chat_template=True needs a list of "
+                             "{'role', 'content'} messages per row.")
+    return [tokenizer.apply_chat_template(conversation, tokenize=False) for conversation in conversations]
+
+
 def read_text_file(path: str | Path, field: str = "text") -> list[str]:
     """Documents of a text file: `.txt` separated by blank lines, or `.jsonl` / `.jsonl.gz` with a `text` field.
 
@@ -97,28 +152,10 @@ def read_text_file(path: str | Path, field: str = "text") -> list[str]:
         ValueError: naming the file and line of undecodable bytes, malformed JSON or a record without `field`.
     """
     file = Path(path)
-    opener = gzip.open if file.name.endswith(".gz") else open
-    with opener(file, "rb") as handle:
-        raw = handle.read()
-    lines = raw.split(b"\n")
-    text_lines = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            text_lines.append(line.decode("utf-8"))
-        except UnicodeDecodeError as error:
-            raise ValueError(
-                f"{file}, line {number}: not UTF-8 text (byte {line[error.start]:#04x} at column {error.start + 1}); "
-                "calibration files must be UTF-8 .txt or .jsonl."
-            ) from None
+    text_lines = text_file_lines(file)
     if file.name.endswith((".jsonl", ".jsonl.gz")):
         documents = []
-        for number, line in enumerate(text_lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{file}, line {number}: malformed JSON ({error.msg}, column {error.colno}).") from None
+        for number, record in json_lines(file, text_lines):
             if not isinstance(record, dict) or field not in record:
                 found = sorted(record) if isinstance(record, dict) else type(record).__name__
                 raise ValueError(f"{file}, line {number}: no {field!r} field (found: {found}).")
@@ -128,6 +165,44 @@ def read_text_file(path: str | Path, field: str = "text") -> list[str]:
         return documents
     text = "\n".join(text_lines)
     return [block.strip() for block in text.split("\n\n") if block.strip()]
+
+
+def text_file_lines(file: Path) -> list[str]:
+    """The lines of a (possibly gzipped) UTF-8 file.
+
+    Raises:
+        ValueError: naming the file, line and byte that is not UTF-8.
+    """
+    opener = gzip.open if file.name.endswith(".gz") else open
+    with opener(file, "rb") as handle:
+        raw = handle.read()
+    text_lines = []
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        try:
+            text_lines.append(line.decode("utf-8"))
+        except UnicodeDecodeError as error:
+            raise ValueError(
+                f"{file}, line {number}: not UTF-8 text (byte {line[error.start]:#04x} at column {error.start + 1}); "
+                "calibration text files must be UTF-8."
+            ) from None
+    return text_lines
+
+
+def json_lines(file: Path, text_lines: list[str]) -> list[tuple[int, Any]]:
+    """(line number, record) for every non-blank line of a JSON-lines file.
+
+    Raises:
+        ValueError: naming the file and line of malformed JSON.
+    """
+    records = []
+    for number, line in enumerate(text_lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append((number, json.loads(line)))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{file}, line {number}: malformed JSON ({error.msg}, column {error.colno}).") from None
+    return records
 
 
 def _check_token_ids(calibration: Any, vocab_size: int | None) -> None:
@@ -150,19 +225,16 @@ def _check_token_ids(calibration: Any, vocab_size: int | None) -> None:
             raise ValueError(f"Calibration token id {high} is outside the model's vocabulary of {vocab_size} tokens.")
 
 
-def _token_rows(calibration: Any, tokenizer: Any, text_column: str) -> list[torch.Tensor]:
+def _token_rows(calibration: Any, tokenizer: Any) -> list[torch.Tensor]:
     if isinstance(calibration, torch.Tensor):
         return [calibration.reshape(-1).long()]
-    if _is_dataset(calibration):
-        if text_column not in calibration.column_names:
-            raise ValueError(f"The calibration dataset has no {text_column!r} column (columns: {calibration.column_names}).")
-        calibration = list(calibration[text_column])
     if not isinstance(calibration, Sequence) or len(calibration) == 0:
         raise ValueError("The calibration set is empty.")
     if all(isinstance(item, torch.Tensor) for item in calibration):
         return [item.reshape(-1).long() for item in calibration]
     if not all(isinstance(item, str) for item in calibration):
-        raise ValueError("Calibration items must be all strings or all token tensors.")
+        hint = " (chat messages need chat_template=True)" if isinstance(calibration[0], list) else ""
+        raise ValueError(f"Calibration items must be all strings or all token tensors{hint}.")
     if tokenizer is None:
         raise ValueError("Calibration texts need a tokenizer: pass tokenizer=... (or load the model from a folder with one).")
     texts = [t for t in calibration if t.strip()]

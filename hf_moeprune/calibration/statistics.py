@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..moe_layers import MoELayer
+from ..progress import progress_bars_disabled
 
 RECORDING_IMPLEMENTATION = "moeprune_recording"
 
@@ -311,7 +312,8 @@ def run_calibration(
     device = next(model.parameters()).device
     passes = 0
     try:
-        for batch in tqdm(list(batches), desc="calibration", disable=not progress, unit="batch"):
+        bar_off = not progress or progress_bars_disabled()
+        for batch in tqdm(list(batches), desc="calibration", disable=bar_off, unit="batch"):
             batch = batch.to(device)
             if is_encoder_decoder:
                 model(input_ids=batch, decoder_input_ids=batch, use_cache=False)

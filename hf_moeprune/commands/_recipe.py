@@ -9,26 +9,47 @@ from pathlib import Path
 from typing import Any
 
 
-def add_recipe_arguments(parser: argparse.ArgumentParser, default_method: str) -> None:
-    parser.add_argument("--model", help="Checkpoint folder or Hub id (default: the bundled testbed model).")
-    parser.add_argument("--method", default=default_method, help="Registered method name.")
+def add_recipe_arguments(parser: argparse.ArgumentParser, default_method: str, methods: list[str]) -> None:
+    """The arguments of `prune` / `merge`; `methods` are the names listed in `--method`'s help."""
+    parser.add_argument("--model", metavar="DIR|HUB_ID",
+                        help="Checkpoint folder or Hub id (default: the bundled 8-expert testbed model).")
+    parser.add_argument("--method", default=default_method, metavar="NAME",
+                        help=f"Method name: {', '.join(methods)} (`hf-moeprune methods` lists their options).")
     target = parser.add_mutually_exclusive_group()
-    target.add_argument("--experts-per-layer", type=int, help="Experts kept in every MoE layer.")
-    target.add_argument("--expert-sparsity", type=float, help="Share of all experts to remove.")
-    target.add_argument("--num-experts-total", type=int, help="Experts kept over all MoE layers.")
-    parser.add_argument("--adaptive", action="store_true", help="Let the method choose per-layer counts.")
-    parser.add_argument("--weight-sparsity", type=float, help="Unstructured sparsity inside the experts.")
+    target.add_argument("--experts-per-layer", type=int, metavar="N", help="Experts kept in every MoE layer.")
+    target.add_argument("--expert-sparsity", type=float, metavar="FRACTION",
+                        help="Share of all experts to remove, in [0, 1).")
+    target.add_argument("--num-experts-total", type=int, metavar="N", help="Experts kept over all MoE layers.")
+    parser.add_argument("--adaptive", action="store_true",
+                        help="Let the method choose per-layer counts (a non-uniform checkpoint).")
+    parser.add_argument("--weight-sparsity", type=float, metavar="FRACTION",
+                        help="Unstructured sparsity inside the experts, in [0, 1).")
     parser.add_argument("--unstructured", choices=["wanda", "owl"], help="Unstructured phase after expert pruning.")
-    parser.add_argument("--nm", help="N:M pattern for the unstructured phase, e.g. 2:4.")
-    parser.add_argument("--top-k", type=int, help="New router top-k (only to go below the model's).")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--nm", metavar="N:M", help="N:M pattern for the unstructured phase, e.g. 2:4.")
+    parser.add_argument("--top-k", type=int, metavar="K", help="New router top-k (only to go below the model's).")
+    parser.add_argument("--seed", type=int, default=0, metavar="N",
+                        help="Seed of the methods' random choices (e.g. the random baseline, k-means); the same seed "
+                        "gives identical files.")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="Method option (value parsed as JSON when possible); repeatable.")
-    parser.add_argument("--calibration", help="Calibration text: .txt (blank-line separated documents) or .jsonl "
-                        "with a 'text' field (default: the bundled calibration sample).")
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-sequences", type=int, default=128)
+    data = parser.add_argument_group("calibration data")
+    data.add_argument("--calibration", metavar="FILE|FOLDER|DATASET",
+                      help="A data file (.txt with blank-line separated documents, .json, .jsonl, .csv, .tsv, "
+                      ".parquet), a folder of such files, a `save_to_disk` folder or a Hub dataset id "
+                      "(default: the bundled BBC News + Shakespeare sample).")
+    data.add_argument("--split", metavar="NAME",
+                      help="Split of a folder, saved dataset or Hub dataset (default: train).")
+    data.add_argument("--text-column", metavar="NAME",
+                      help="Column holding the text (default: text; messages with --chat-template).")
+    data.add_argument("--num-samples", type=int, metavar="N", help="Use only the first N rows (default: all).")
+    data.add_argument("--chat-template", action="store_true",
+                      help="Rows are chat messages ([{role, content}, ...]): render them with the tokenizer's "
+                      "chat template, as an instruct model sees its input.")
+    data.add_argument("--seq-len", type=int, default=256, metavar="TOKENS",
+                      help="Tokens per packed calibration sequence.")
+    data.add_argument("--batch-size", type=int, default=8, metavar="N", help="Sequences per calibration forward pass.")
+    data.add_argument("--max-sequences", type=int, default=128, metavar="N",
+                      help="At most this many packed sequences (tokens used: at most seq-len x max-sequences).")
     placement = parser.add_argument_group("precision, placement and streaming")
     placement.add_argument("--device", default="cpu",
                            help="Where layers run: cpu, cuda, cuda:N or auto (a GPU when there is one).")
@@ -44,9 +65,11 @@ def add_recipe_arguments(parser: argparse.ArgumentParser, default_method: str) -
     mode.add_argument("--in-memory", action="store_true", help="Load the whole model even if it is large.")
     placement.add_argument("--resume", action="store_true",
                            help="Streaming: continue an interrupted run of the same command after its last layer.")
-    parser.add_argument("--output", required=True, help="Folder for the reduced checkpoint (new or empty).")
+    parser.add_argument("--output", required=True, metavar="DIR",
+                        help="Folder for the reduced checkpoint (new or empty).")
     parser.add_argument("--overwrite", action="store_true",
                         help="Replace --output if it holds an earlier hf_moeprune checkpoint (never other data).")
+    parser.add_argument("--no-progress", action="store_true", help="No progress bars.")
 
 
 def recipe_from_args(args: argparse.Namespace):
@@ -76,13 +99,18 @@ def _parse_nm(text: str) -> tuple[int, int]:
     return int(n), int(m)
 
 
-def read_texts(path: str) -> list[str]:
-    """Documents of a .txt (separated by blank lines) or .jsonl (one {"text": ...} per line) file."""
-    from ..calibration import read_text_file
+def read_calibration(args: argparse.Namespace) -> tuple[list, str]:
+    """The calibration rows and their description: from --calibration, else the bundled sample."""
+    if args.calibration is None:
+        for flag in ("split", "text_column", "chat_template"):
+            if getattr(args, flag):
+                raise ValueError(f"--{flag.replace('_', '-')} applies to --calibration data; pass --calibration too.")
+        return default_calibration(), "hf_moeprune bundled calibration sample (BBC News + Shakespeare)"
+    from ..calibration import read_calibration_source
 
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"--calibration: no such file: {path}")
-    return read_text_file(path)
+    return _with_cli_names(read_calibration_source, args.calibration, split=args.split,
+                           text_column=args.text_column, num_samples=args.num_samples,
+                           chat_template=args.chat_template)
 
 
 def looks_local(name: str) -> bool:
@@ -105,11 +133,24 @@ def check_model_path(name: str) -> None:
         raise FileNotFoundError(f"--model {name}: no such folder.")
 
 
+def check_chat_template(model_path: str) -> None:
+    """--chat-template needs the model's tokenizer to have one; found out before the weights load."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError, TypeError) as error:
+        raise ValueError(f"--chat-template: cannot load the tokenizer of {model_path} ({error}).") from None
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"--chat-template: the tokenizer of {model_path} has no chat template; drop --chat-template "
+                         "or use an instruct model.")
+
+
 def check_recipe_arguments(args: argparse.Namespace, merge: bool) -> None:
     """Everything that can be checked without the weights, in the CLI's own words."""
     from ..methods import get_method
 
-    for flag in ("seq_len", "batch_size", "max_sequences"):
+    for flag in ("seq_len", "batch_size", "max_sequences", "num_samples"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {value}.")
@@ -142,14 +183,18 @@ def run_recipe(args: argparse.Namespace, merge: bool) -> int:
     from ..methods import get_method
     from ..pipeline.streaming import resolve_device, resolve_dtype
 
+    if args.no_progress:
+        from ..progress import disable_progress_bars
+
+        disable_progress_bars()
     check_recipe_arguments(args, merge)
     config = _with_cli_names(recipe_from_args, args)
     method = _with_cli_names(get_method(config.method), config)  # option errors here, before any weights
-    texts = None
-    if method.needs_calibration:
-        texts = read_texts(args.calibration) if args.calibration else default_calibration()
+    rows, description = read_calibration(args) if method.needs_calibration else (None, None)
     model_path = args.model or default_model()
     check_model_path(model_path)
+    if args.chat_template:
+        check_chat_template(model_path)
     _with_cli_names(check_output_dir, args.output, overwrite=args.overwrite, source=model_path)  # before loading
     device = resolve_device(args.device)
     model_config = AutoConfig.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
@@ -159,19 +204,19 @@ def run_recipe(args: argparse.Namespace, merge: bool) -> int:
     if args.resume and not streaming:
         raise ValueError("--resume continues streaming runs only; add --streaming.")
     options = dict(seq_len=args.seq_len, batch_size=args.batch_size, max_sequences=args.max_sequences,
-                   description=args.calibration or "hf_moeprune bundled calibration sample (BBC News + Shakespeare)")
+                   num_samples=args.num_samples, chat_template=args.chat_template, description=description)
     if streaming:
         from ..pipeline.streaming import reduce_checkpoint
 
         folder = _with_cli_names(
-            reduce_checkpoint, model_path, args.output, config, calibration=texts, device=device, dtype=args.dtype,
+            reduce_checkpoint, model_path, args.output, config, calibration=rows, device=device, dtype=args.dtype,
             trust_remote_code=args.trust_remote_code, overwrite=args.overwrite, resume=args.resume, **options,
         )
         record = json.loads((folder / "config.json").read_text())["moeprune"]
     else:
         model = _load_in_memory(model_path, family.task, args, device)
         step = model.merge_experts if merge else model.prune_experts
-        _with_cli_names(step, config, calibration=texts, **options)
+        _with_cli_names(step, config, calibration=rows, **options)
         folder = model.save_pretrained(args.output, overwrite=args.overwrite)
         record = model.record
     from .inspect import print_table
@@ -239,7 +284,9 @@ _CLI_NAMES = {
     "nm_pattern": "--nm", "MoEPruneConfig(top_k=...)": "--top-k", "method_options": "--option",
     "unstructured=": "--unstructured", "call merge_experts()": "use `hf-moeprune merge`",
     "call prune_experts()": "use `hf-moeprune prune`", "Registered methods": "Choose --method from",
-    "pass --overwrite / overwrite=True": "pass --overwrite",
+    "pass --overwrite / overwrite=True": "pass --overwrite", "calibration=": "--calibration ",
+    "chat_template=True": "--chat-template", "text_column=": "--text-column ", "split=": "--split",
+    "num_samples": "--num-samples",
 }
 
 

@@ -20,23 +20,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--token", default=None, help="Write token (default: HF_TOKEN or the `hf auth login` token)."
     )
-    parser.add_argument("--revision", default=None, help="Branch to push to (created from main if missing).")
+    parser.add_argument("--revision", default=None, help="Branch to push to (created from main if missing); not with --create-pr.")
     parser.add_argument("--commit-message", default=None, help="Commit summary.")
     parser.add_argument("--commit-description", default=None, help="Commit description.")
     parser.add_argument(
-        "--create-pr", action="store_true", help="Open a pull request instead of committing directly."
+        "--create-pr", action="store_true", help="Open a pull request against main instead of committing directly."
     )
     parser.add_argument(
         "--tag", dest="tags", action="append", default=None, help="Extra model card tag (repeatable)."
     )
-    parser.add_argument(
-        "--max-retries", type=int, default=5, help="Retries on transient Hub failures (default 5)."
-    )
+    parser.add_argument("--no-progress", action="store_true", help="No upload progress bars.")
 
 
 def run(args: argparse.Namespace) -> int:
     from hf_moeprune.hub import HubPushError, push_checkpoint
 
+    if args.no_progress:
+        from hf_moeprune.progress import disable_progress_bars
+
+        disable_progress_bars()
     try:
         info = push_checkpoint(
             args.checkpoint_dir,
@@ -48,7 +50,6 @@ def run(args: argparse.Namespace) -> int:
             commit_description=args.commit_description,
             create_pr=args.create_pr,
             tags=args.tags,
-            max_retries=args.max_retries,
         )
     except (ValueError, FileNotFoundError, HubPushError) as error:
         print(f"hf-moeprune push: error: {error}", file=sys.stderr)

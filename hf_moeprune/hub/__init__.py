@@ -2,7 +2,7 @@
 
 - [`build_model_card`] / [`write_model_card`]: the card of a checkpoint, from the `moeprune` entry of its config.
 - [`read_recipes_from_card`]: the recipes embedded in a card, back as `MoEPruneConfig` objects.
-- [`push_checkpoint`]: upload a checkpoint folder with its card, retrying transient failures.
+- [`push_checkpoint`]: upload a checkpoint folder with its card through huggingface_hub's `upload_folder`.
 """
 
 from .card import (

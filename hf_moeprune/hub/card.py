@@ -96,9 +96,15 @@ def _read_optional_json(path: Path) -> Any:
 
 def _looks_like_hub_repo_id(name: str | None) -> bool:
     """True for `org/name` or `name` ids; False for local paths, which the Hub rejects as `base_model`."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
     if not name or os.path.isabs(name) or name.startswith((".", "~")) or Path(name).is_dir():
         return False
-    return re.fullmatch(r"[\w][\w.\-]{0,95}(/[\w][\w.\-]{0,95})?", name) is not None and ".." not in name
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def _license_from_card_text(text: str) -> str | None:
@@ -111,43 +117,23 @@ def _license_from_card_text(text: str) -> str | None:
     return license_ if isinstance(license_, str) else None
 
 
-def fetch_hub_card_license(
-    base_model: str,
-    *,
-    endpoint: str | None = None,
-    token: str | bool | None = None,
-    raise_transient: bool = False,
-) -> str | None:
-    """The `license` in the metadata of a Hub model's README, in one request (no hidden retries).
+def fetch_hub_card_license(base_model: str, *, token: str | bool | None = None) -> str | None:
+    """The `license` in the metadata of a Hub model's card (`ModelCard.load`, with huggingface_hub's retries).
 
-    Returns `None` when the model, its README or the license is missing or not readable. Connection errors and
-    HTTP 408/429/5xx are raised when `raise_transient` (the caller retries), otherwise they also give `None`.
+    Returns `None` when the model, its card or the license is missing, or the Hub cannot be reached: the card then
+    says to check the base model's license.
     """
     import httpx2
-    from huggingface_hub import constants
-    from huggingface_hub.utils import build_hf_headers, get_session
+    from huggingface_hub import ModelCard
+    from huggingface_hub.errors import EntryNotFoundError
 
-    endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
     try:
-        response = get_session().get(
-            f"{endpoint}/{base_model}/resolve/main/README.md",
-            headers=build_hf_headers(token=token),
-            follow_redirects=True,
-            timeout=10,
-        )
-    except httpx2.TransportError:
-        if raise_transient:
-            raise
+        card = ModelCard.load(base_model, token=token, ignore_metadata_errors=True)
+    except (OSError, EntryNotFoundError, httpx2.TransportError) as error:  # HfHubHTTPError is an OSError
+        logger.info("No license read from the card of %s: %s", base_model, error)
         return None
-    if response.status_code in (408, 429) or response.status_code >= 500:
-        if raise_transient:
-            from huggingface_hub.utils import hf_raise_for_status
-
-            hf_raise_for_status(response)
-        return None
-    if response.status_code != 200:
-        return None
-    return _license_from_card_text(response.text)
+    license_ = card.data.to_dict().get("license")
+    return license_ if isinstance(license_, str) else None
 
 
 def resolve_base_license(

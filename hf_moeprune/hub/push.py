@@ -1,8 +1,10 @@
 """Upload a reduced checkpoint folder, with its generated card, to the Hugging Face Hub.
 
-The folder is only read, never written: a failed push (no token, server down, rejected card) leaves the local
-checkpoint exactly as it was. Transient failures (connection errors, timeouts, HTTP 408/429/5xx) are retried with
-exponential backoff; everything else fails at once with a message that says what to do.
+huggingface_hub does the work: `validate_repo_id`, `ModelCard.validate`, `create_repo`, and `upload_folder`, which
+sends every file in one commit (large files through LFS or Xet) and retries transient failures of the transfers
+with its own backoff. The folder is only read, never written: a failed push (no token, server down, rejected card)
+leaves the local checkpoint exactly as it was, and the error says what to do. Running the same push again after
+a failure is safe: files the Hub already holds are not sent twice.
 
 Example:
     >>> from hf_moeprune.hub import push_checkpoint
@@ -14,19 +16,13 @@ from __future__ import annotations
 
 import logging
 import os
-import time
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from .card import (
-    _looks_like_hub_repo_id,
-    build_model_card,
-    fetch_hub_card_license,
-    is_generated_card,
-    read_moeprune_entry,
-    resolve_base_license,
-)
+from .card import build_model_card, is_generated_card, read_moeprune_entry, resolve_base_license
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo
@@ -35,7 +31,6 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-TRANSIENT_STATUS_CODES = frozenset({408, 429, 500, 502, 503, 504})
 # Never uploaded: caches and VCS folders that may sit in an output folder.
 SKIPPED_NAMES = frozenset({".git", ".cache", "__pycache__", ".DS_Store"})
 
@@ -44,87 +39,33 @@ class HubPushError(RuntimeError):
     """A push to the Hub failed. The local checkpoint was not modified."""
 
 
-def _status_code(error: BaseException) -> int | None:
-    response = getattr(error, "response", None)
-    return getattr(response, "status_code", None)
-
-
-def _is_transient(error: BaseException) -> bool:
+def _step(call: Callable[[], T], *, what: str) -> T:
+    """Run one Hub call; its failure becomes a `HubPushError` that says what failed and what to do."""
     import httpx2
+    from huggingface_hub import constants
     from huggingface_hub.errors import HfHubHTTPError
 
-    if isinstance(error, HfHubHTTPError):
-        return _status_code(error) in TRANSIENT_STATUS_CODES
-    return isinstance(error, (httpx2.TransportError, ConnectionError, TimeoutError))
-
-
-def _retry_after_seconds(error: BaseException) -> float | None:
-    response = getattr(error, "response", None)
-    value = getattr(response, "headers", {}).get("Retry-After") if response is not None else None
     try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
-
-
-def _with_retries(
-    call: Callable[[], T], *, what: str, endpoint: str, max_retries: int, retry_wait: float, max_wait: float
-) -> T:
-    """Run `call`, retrying transient failures `max_retries` times with exponential backoff."""
-    from huggingface_hub.errors import HfHubHTTPError
-
-    attempt = 0
-    while True:
-        try:
-            return call()
-        except Exception as error:
-            if not _is_transient(error):
-                raise _explain(error, what=what, endpoint=endpoint) from error
-            if attempt >= max_retries:
-                cause = (
-                    f"HTTP {_status_code(error)}"
-                    if isinstance(error, HfHubHTTPError)
-                    else type(error).__name__
-                )
-                raise HubPushError(
-                    f"Could not {what}: the Hub at {endpoint} is unreachable or failing ({cause}: {error}) after "
-                    f"{attempt + 1} attempts. Nothing was changed locally; check your connection and HF_ENDPOINT, "
-                    "then run the push again."
-                ) from error
-            wait = min(max_wait, retry_wait * (2**attempt))
-            retry_after = _retry_after_seconds(error)
-            if retry_after is not None:
-                wait = min(max_wait, max(wait, retry_after))
-            logger.warning(
-                "Transient error while trying to %s (%s); retry %d/%d in %.2fs.",
-                what,
-                error,
-                attempt + 1,
-                max_retries,
-                wait,
-            )
-            time.sleep(wait)
-            attempt += 1
-
-
-def _explain(error: Exception, *, what: str, endpoint: str) -> Exception:
-    """Turn a non-transient Hub error into one that says what to do; other exceptions pass through."""
-    from huggingface_hub.errors import HfHubHTTPError
-
-    if not isinstance(error, HfHubHTTPError):
-        return error
-    status = _status_code(error)
-    if status == 401:
-        return HubPushError(
-            f"Could not {what}: the Hub at {endpoint} rejected the token (HTTP 401). Pass a valid write token with "
-            "token=..., set HF_TOKEN, or run `hf auth login`. Nothing was changed locally."
-        )
-    if status == 403:
-        return HubPushError(
-            f"Could not {what}: the token has no write access there (HTTP 403). Use a token with write permission "
-            "on that namespace. Nothing was changed locally."
-        )
-    return HubPushError(f"Could not {what}: {error}. Nothing was changed locally.")
+        return call()
+    except HfHubHTTPError as error:
+        status = getattr(error.response, "status_code", None)
+        if status == 401:
+            raise HubPushError(
+                f"Could not {what}: the Hub at {constants.ENDPOINT} rejected the token (HTTP 401). Pass a valid "
+                "write token with token=..., set HF_TOKEN, or run `hf auth login`. Nothing was changed locally."
+            ) from error
+        if status == 403:
+            raise HubPushError(
+                f"Could not {what}: the token has no write access there (HTTP 403). Use a token with write "
+                "permission on that namespace. Nothing was changed locally."
+            ) from error
+        message = " ".join(str(error).split())
+        raise HubPushError(f"Could not {what}: {message}. Nothing was changed locally; run the push again.") from error
+    except (httpx2.TransportError, ConnectionError, TimeoutError) as error:
+        raise HubPushError(
+            f"Could not {what}: the Hub at {constants.ENDPOINT} is unreachable ({type(error).__name__}: {error}). "
+            "Nothing was changed locally; check your connection and HF_ENDPOINT, then run the push again."
+        ) from error
 
 
 def _resolve_token(token: str | bool | None) -> str:
@@ -141,34 +82,35 @@ def _resolve_token(token: str | bool | None) -> str:
     return resolved
 
 
-def _validate_card(text: str, *, endpoint: str, headers: dict[str, str]) -> None:
-    """Ask the Hub to validate the card metadata (as `ModelCard.validate`, but against `endpoint`)."""
+def _validate_card(card_text: str) -> None:
+    """`ModelCard.validate`, with the Hub's refusal as a ValueError; a Hub mirror without the endpoint is skipped."""
+    from huggingface_hub import ModelCard
     from huggingface_hub.errors import HfHubHTTPError
-    from huggingface_hub.utils import get_session, hf_raise_for_status
 
-    response = get_session().post(
-        f"{endpoint}/api/validate-yaml",
-        json={"repoType": "model", "content": text},
-        headers={**headers, "Accept": "text/plain"},
-    )
     try:
-        hf_raise_for_status(response)
+        ModelCard(card_text).validate()
     except HfHubHTTPError as error:
-        if response.status_code == 400:
-            raise ValueError(f"The Hub rejected the model card metadata: {response.text}") from error
-        if response.status_code == 404:  # a Hub mirror without the endpoint: nothing to check against
-            logger.info("%s has no /api/validate-yaml; the card is not validated.", endpoint)
-            return
-        raise
+        if getattr(error.response, "status_code", None) != 404:
+            raise
+        logger.info("The Hub has no /api/validate-yaml; the card is not validated.")
+    except ValueError as error:
+        raise ValueError(f"The Hub rejected the model card metadata: {error}") from error
 
 
-def _collect_files(folder: Path) -> list[tuple[str, Path]]:
-    files = []
-    for path in sorted(folder.rglob("*")):
-        relative = path.relative_to(folder)
-        if path.is_file() and not any(part in SKIPPED_NAMES for part in relative.parts):
-            files.append((relative.as_posix(), path))
-    return files
+def _stage(folder: Path, card_text: str, staging: Path) -> None:
+    """Mirror `folder` in `staging` as links to its files (copies where links are refused), with the card as
+    README.md: `upload_folder` then commits weights and card together without writing into the checkpoint."""
+    for source in sorted(folder.rglob("*")):
+        relative = source.relative_to(folder)
+        if not source.is_file() or relative.as_posix() == "README.md" or SKIPPED_NAMES & set(relative.parts):
+            continue
+        target = staging / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            target.symlink_to(source.resolve())
+        except OSError:  # e.g. Windows without symlink rights
+            shutil.copy2(source, target)
+    (staging / "README.md").write_text(card_text, encoding="utf-8")
 
 
 def push_checkpoint(
@@ -182,17 +124,13 @@ def push_checkpoint(
     commit_description: str | None = None,
     create_pr: bool = False,
     tags: list[str] | None = None,
-    endpoint: str | None = None,
-    max_retries: int = 5,
-    retry_wait: float = 1.0,
-    max_wait: float = 30.0,
 ) -> CommitInfo:
     """Upload a checkpoint folder saved by hf_moeprune to a Hub repository, with a freshly generated model card.
 
-    The card is generated from the checkpoint (base model license looked up on the Hub when needed) unless the
+    The card is generated from the checkpoint (base model license read from its Hub card when needed) unless the
     folder holds a hand-written `README.md` (one without the hf_moeprune marker), which is uploaded as is.
-    The repository is created if needed (`private` applies only then), the card is validated by the Hub, then
-    every file is committed in one commit (large files through LFS).
+    The card is validated by the Hub first, the repository is created if needed (`private` applies only then),
+    then `upload_folder` commits every file in one commit. The Hub is the one `HF_ENDPOINT` names.
 
     Args:
         checkpoint_dir (`str` or `os.PathLike`): folder written by `save_pretrained`. Only read.
@@ -201,92 +139,56 @@ def push_checkpoint(
         token (`str`, *optional*): write token; defaults to `HF_TOKEN` or the token saved by `hf auth login`.
         revision (`str`, *optional*): branch to commit to, created from `main` if missing.
         commit_message / commit_description (`str`, *optional*): the commit's summary and body.
-        create_pr (`bool`, defaults to `False`): open a pull request instead of committing to the branch.
+        create_pr (`bool`, defaults to `False`): open a pull request against `main` instead of committing.
         tags (`list[str]`, *optional*): extra card tags.
-        endpoint (`str`, *optional*): Hub URL; defaults to `HF_ENDPOINT` / https://huggingface.co.
-        max_retries (`int`, defaults to 5): retries of each step on transient failures.
-        retry_wait / max_wait (`float`): first and longest wait between retries, in seconds (doubling).
 
     Returns:
         `huggingface_hub.CommitInfo` (a `str`, the commit URL), with `.oid`, `.pr_url`, `.repo_url`.
 
     Raises:
-        `ValueError`: no token, not an hf_moeprune checkpoint, or card metadata rejected by the Hub.
-        `HubPushError` (a `RuntimeError`): Hub unreachable after the retries, token rejected, no write access, ...
+        `ValueError`: bad repo id, no token, not an hf_moeprune checkpoint, or card metadata rejected by the Hub.
+        `HubPushError` (a `RuntimeError`): Hub unreachable, token rejected, no write access, upload failed, ...
     """
-    from huggingface_hub import CommitOperationAdd, HfApi, constants
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     from .. import __version__
 
     folder = Path(checkpoint_dir)
     _, entry = read_moeprune_entry(folder)  # fails early on a folder that is not ours
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(f"{repo_id!r} is not a Hub repository id: {error}") from None
+    if create_pr and revision not in (None, "main"):
+        raise ValueError(f"A pull request is opened against main; drop revision={revision!r} or create_pr=True.")
     resolved_token = _resolve_token(token)
-    endpoint = (endpoint or constants.ENDPOINT).rstrip("/")
-    api = HfApi(
-        endpoint=endpoint, token=resolved_token, library_name="hf_moeprune", library_version=__version__
-    )
-    retry = {"endpoint": endpoint, "max_retries": max_retries, "retry_wait": retry_wait, "max_wait": max_wait}
+    api = HfApi(token=resolved_token, library_name="hf_moeprune", library_version=__version__)
 
     readme = folder / "README.md"
     if readme.is_file() and not is_generated_card(readme.read_text(encoding="utf-8")):
         card_text = readme.read_text(encoding="utf-8")
     else:
         base_model = entry.get("base_model")
-        license_ = entry.get("license") or resolve_base_license(base_model)
-        if license_ is None and _looks_like_hub_repo_id(base_model):
-            license_ = _with_retries(
-                lambda: fetch_hub_card_license(
-                    base_model, endpoint=endpoint, token=resolved_token, raise_transient=True
-                ),
-                what=f"read the license of the base model {base_model}",
-                **retry,
-            )
+        license_ = entry.get("license") or resolve_base_license(base_model, fetch_remote=True, token=resolved_token)
         card_text = str(build_model_card(folder, model_name=repo_id, tags=tags, license=license_))
-    headers = api._build_hf_headers(token=resolved_token)
-    _with_retries(
-        lambda: _validate_card(card_text, endpoint=endpoint, headers=headers),
-        what="validate the model card",
-        **retry,
-    )
-
-    repo_url = _with_retries(
-        lambda: api.create_repo(repo_id, private=private, exist_ok=True),
-        what=f"create the repository {repo_id}",
-        **retry,
-    )
-    repo_id = repo_url.repo_id
+    _step(lambda: _validate_card(card_text), what="validate the model card")
+    repo_id = _step(lambda: api.create_repo(repo_id, private=private, exist_ok=True),
+                    what=f"create the repository {repo_id}").repo_id
     if revision is not None and not create_pr and not revision.startswith("refs/"):
-        _with_retries(
-            lambda: api.create_branch(repo_id, branch=revision, exist_ok=True),
-            what=f"create the branch {revision} of {repo_id}",
-            **retry,
-        )
+        _step(lambda: api.create_branch(repo_id, branch=revision, exist_ok=True),
+              what=f"create the branch {revision} of {repo_id}")
 
-    files = [(name, path) for name, path in _collect_files(folder) if name != "README.md"]
-    kind = (
-        "merged"
-        if any(len(g) > 1 for info in (entry.get("layers") or {}).values() for g in info.get("groups") or [])
-        else "pruned"
-    )
-    message = commit_message or f"Upload {kind} MoE model with hf_moeprune {__version__}"
-
-    def commit() -> CommitInfo:
-        # Operations are rebuilt per attempt: huggingface_hub marks them as uploaded/committed in place.
-        operations = [
-            CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)) for name, path in files
-        ]
-        operations.append(
-            CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card_text.encode("utf-8"))
+    merged = any(len(g) > 1 for info in (entry.get("layers") or {}).values() for g in info.get("groups") or [])
+    message = commit_message or f"Upload {'merged' if merged else 'pruned'} MoE model with hf_moeprune {__version__}"
+    with tempfile.TemporaryDirectory(prefix="hf_moeprune-push-") as staging:
+        _stage(folder, card_text, Path(staging))
+        info = _step(
+            lambda: api.upload_folder(
+                repo_id=repo_id, folder_path=staging, commit_message=message, commit_description=commit_description,
+                revision=revision, create_pr=create_pr,
+            ),
+            what=f"upload {folder} to {repo_id}",
         )
-        return api.create_commit(
-            repo_id,
-            operations,
-            commit_message=message,
-            commit_description=commit_description,
-            revision=revision,
-            create_pr=create_pr,
-        )
-
-    info = _with_retries(commit, what=f"upload {folder} to {repo_id}", **retry)
     logger.info("Pushed %s to %s (%s).", folder, repo_id, info.pr_url or info.commit_url)
     return info

@@ -20,6 +20,7 @@ from ..calibration.sequential import LayerInputs, run_layer
 from ..calibration.statistics import run_calibration
 from ..methods.base import ExpertMethod, Needs
 from ..moe_layers import MoELayer
+from ..progress import progress_bars_disabled
 from ..surgery import ReductionPlan, apply_plan
 from .observe import Observation, observe
 from .sources import InMemorySource
@@ -124,7 +125,8 @@ def _sweep(
     """Yield each unit (loaded) with what this sweep observed of it; after the caller is done with a unit,
     its outputs (original or reduced, per `propagate`) become the next unit's inputs, the source writes and
     frees it, and `finished` is told. `start` and `inputs` continue an interrupted sweep."""
-    bar = tqdm(total=len(source.units), initial=start, desc=description, unit="layer", disable=not progress)
+    bar = tqdm(total=len(source.units), initial=start, desc=description, unit="layer",
+               disable=not progress or progress_bars_disabled())
     observations: dict[str, Observation] = {}
     if batches is not None:
         if start == 0:

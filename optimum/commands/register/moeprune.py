@@ -32,14 +32,15 @@ class MoEPruneCommand(BaseOptimumCLICommand):
         if len(sys.argv) > 1 and sys.argv[1] != MoEPruneCommand.COMMAND.name:
             return
         # Reuse the very modules behind `hf-moeprune` so both CLIs cannot drift apart.
-        from hf_moeprune.commands import load_commands
+        from hf_moeprune.commands import HelpFormatter, load_commands
 
         modules = load_commands()
         subparsers = parser.add_subparsers(
             dest="moeprune_command", metavar="{" + ",".join(m.NAME for m in modules) + "}"
         )
         for module in modules:
-            sub = subparsers.add_parser(module.NAME, help=module.HELP, description=module.HELP)
+            sub = subparsers.add_parser(module.NAME, help=module.HELP, formatter_class=HelpFormatter,
+                                        description=getattr(module, "DESCRIPTION", module.HELP))
             module.add_arguments(sub)
             sub.set_defaults(moeprune_run=module.run)
 

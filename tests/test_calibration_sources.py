@@ -1,0 +1,193 @@
+"""Calibration sources read with `datasets`: every local format, folders, saved datasets, chat data, the record."""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import hub_fixtures
+import pytest
+import torch
+from conftest import build_tiny_model
+from datasets import Dataset, DatasetDict
+
+from hf_moeprune.calibration import prepare_calibration, read_calibration_source
+
+local_hub = hub_fixtures.local_hub
+
+CHAT_TEMPLATE = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+
+
+def _write(kind: str, folder: Path, texts: list[str]) -> Path:
+    """`texts` stored as one calibration source of `kind`; returns what to pass as `calibration=`."""
+    records = [{"id": i, "text": t} for i, t in enumerate(texts)]
+    if kind == "txt":
+        path = folder / "cal.txt"
+        path.write_text("\n\n".join(texts) + "\n")
+    elif kind == "jsonl":
+        path = folder / "cal.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    elif kind == "jsonl.gz":
+        path = folder / "cal.jsonl.gz"
+        path.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in records).encode()))
+    elif kind == "json":
+        path = folder / "cal.json"
+        path.write_text(json.dumps(records))
+    elif kind in ("csv", "parquet"):
+        path = folder / f"cal.{kind}"
+        getattr(Dataset.from_list(records), f"to_{kind}")(str(path))
+    elif kind == "folder":
+        path = folder / "shards"
+        path.mkdir()
+        half = len(records) // 2
+        for name, part in (("train-00000.jsonl", records[:half]), ("train-00001.jsonl", records[half:])):
+            (path / name).write_text("".join(json.dumps(r) + "\n" for r in part))
+    elif kind == "save_to_disk":
+        path = folder / "saved"
+        Dataset.from_list(records).save_to_disk(str(path))
+    else:
+        raise AssertionError(kind)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl", "jsonl.gz", "json", "csv", "parquet", "folder", "save_to_disk"])
+def test_every_local_format_gives_the_same_batches_as_the_texts(kind, tmp_path, tiny_tokenizer, sample_texts):
+    expected = prepare_calibration(sample_texts, tiny_tokenizer, seq_len=32, batch_size=4)
+    source = _write(kind, tmp_path, sample_texts)
+    data = prepare_calibration(str(source), tiny_tokenizer, seq_len=32, batch_size=4)
+    assert torch.equal(torch.cat(data.batches), torch.cat(expected.batches))
+    assert data.record()["token_sha256"] == expected.record()["token_sha256"]
+    assert data.description.startswith(str(source)) and f"{len(sample_texts)} rows" in data.description
+
+
+def test_split_of_a_saved_dataset_dict(tmp_path, tiny_tokenizer, sample_texts):
+    DatasetDict({
+        "train": Dataset.from_dict({"text": ["not this one"] * 3}),
+        "validation": Dataset.from_dict({"text": sample_texts}),
+    }).save_to_disk(str(tmp_path / "dd"))
+    rows, description = read_calibration_source(tmp_path / "dd", split="validation")
+    assert rows == sample_texts and "split validation" in description
+    assert read_calibration_source(tmp_path / "dd")[0] == ["not this one"] * 3  # train by default
+    with pytest.raises(ValueError, match=r"no split 'test' \(splits: \['train', 'validation'\]\)"):
+        read_calibration_source(tmp_path / "dd", split="test")
+
+
+def test_text_column_and_num_samples(tmp_path, tiny_tokenizer, sample_texts):
+    path = tmp_path / "cal.csv"
+    Dataset.from_dict({"body": sample_texts, "label": list(range(len(sample_texts)))}).to_csv(str(path))
+    rows, description = read_calibration_source(path, text_column="body", num_samples=3)
+    assert rows == sample_texts[:3] and "column 'body'" in description and "3 rows" in description
+    data = prepare_calibration(str(path), tiny_tokenizer, text_column="body", num_samples=3, seq_len=8)
+    assert torch.equal(torch.cat(data.batches), torch.cat(prepare_calibration(sample_texts[:3], tiny_tokenizer,
+                                                                               seq_len=8).batches))
+    with pytest.raises(ValueError, match=r"cal.csv: no 'text' column \(columns: \['body', 'label'\]\)"):
+        read_calibration_source(path)
+
+
+@pytest.fixture
+def chat_tokenizer(tiny_tokenizer):
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def test_chat_template_renders_the_messages_column(tmp_path, chat_tokenizer, tiny_tokenizer):
+    conversations = [
+        [{"role": "user", "content": "Who won the cup?"}, {"role": "assistant", "content": "The home side."}],
+        [{"role": "user", "content": "Compare thee to what?"}, {"role": "assistant", "content": "A summer's day."}],
+    ]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations))
+    data = prepare_calibration(str(path), chat_tokenizer, chat_template=True, seq_len=16)
+    rendered = [chat_tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
+    assert rendered[0].startswith("<s>user: Who won the cup?\n<s>assistant:")
+    assert torch.equal(torch.cat(data.batches), torch.cat(prepare_calibration(rendered, chat_tokenizer,
+                                                                               seq_len=16).batches))
+    assert "chat template applied" in data.description
+    with pytest.raises(ValueError, match="no chat template"):
+        prepare_calibration(str(path), tiny_tokenizer, chat_template=True)
+    with pytest.raises(ValueError, match=r"no 'text' column .*chat_template=True"):
+        prepare_calibration(str(path), tiny_tokenizer)
+    strings = tmp_path / "strings.jsonl"
+    strings.write_text('{"text": "plain text, not messages"}\n')
+    with pytest.raises(ValueError, match=r"strings.jsonl, line 1: chat_template=True needs a non-empty list"):
+        read_calibration_source(strings, text_column="text", chat_template=True)
+
+
+def test_record_has_sequence_length_and_data_hash(tiny_tokenizer, sample_texts):
+    first = prepare_calibration(sample_texts, tiny_tokenizer, seq_len=32).record()
+    again = prepare_calibration(list(sample_texts), tiny_tokenizer, seq_len=32).record()
+    other = prepare_calibration(sample_texts[1:], tiny_tokenizer, seq_len=32).record()
+    assert first["seq_len"] == 32 and len(first["token_sha256"]) == 64
+    assert first == again and other["token_sha256"] != first["token_sha256"]
+    assert prepare_calibration(torch.ones(3, 12, dtype=torch.long)).record()["seq_len"] == 12
+
+
+@pytest.mark.parametrize("name, content, words", [
+    ("empty.jsonl", b"", "empty"),
+    ("blank.txt", b"\n\n  \n", "empty"),
+    ("cal.docx", b"PK\x03\x04", "not a calibration file type"),
+    ("cal.csv", b"body\nsome text\n", "no 'text' column"),
+    ("bad.json", b"[{\"text\": \"a\"},", "datasets could not read it"),
+    ("nulls.jsonl", b'{"text": "ok"}\n\n{"text": null, "id": 2}\n', "line 3: no 'text' value"),
+])
+def test_bad_local_sources_name_the_file_and_the_problem(tmp_path, name, content, words):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=words) as error:
+        read_calibration_source(path)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_missing_paths_are_never_sent_to_the_hub(tmp_path):
+    for name in (str(tmp_path / "gone.jsonl"), "cal.parquet", "./data", "a/b/c"):
+        with pytest.raises(ValueError, match="names no file or folder"):
+            read_calibration_source(name)
+
+
+def test_cli_reads_a_hub_dataset_from_the_local_hub(local_hub, tmp_path, monkeypatch, tiny_tokenizer, sample_texts):
+    """`--calibration owner/name --split ...` through datasets' own Hub client, pointed at the server by HF_ENDPOINT."""
+    local_hub.add_repo_files("me/cal", {
+        "data/validation.jsonl": "".join(json.dumps({"body": t}) + "\n" for t in sample_texts).encode(),
+        "data/train.jsonl": b'{"body": "not this split"}\n',
+    }, repo_type="dataset")
+    build_tiny_model("mixtral").save_pretrained(tmp_path / "base")
+    tiny_tokenizer.save_pretrained(tmp_path / "base")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets_cache"))
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "hf_moeprune.cli", "prune", "--model", str(tmp_path / "base"), "--experts-per-layer",
+         "3", "--calibration", "me/cal", "--split", "validation", "--text-column", "body", "--num-samples", "8",
+         "--seq-len", "32", "--no-progress", "--output", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    assert ("GET", "/datasets/me/cal/resolve/") in {(m, p[: len("/datasets/me/cal/resolve/")])
+                                                     for m, p in local_hub.requests}
+    record = json.loads((out / "config.json").read_text())["moeprune"]["steps"][0]["calibration"]
+    expected = prepare_calibration(sample_texts[:8], tiny_tokenizer, seq_len=32).record()
+    assert record["description"] == "Hub dataset me/cal, split validation, column 'body', 8 rows"
+    assert record["token_sha256"] == expected["token_sha256"] and record["seq_len"] == 32
+    assert "calibration:" not in result.stderr  # --no-progress
+
+
+def test_cli_chat_template_on_an_instruct_tokenizer(tmp_path, chat_tokenizer):
+    from hf_moeprune.cli import main
+
+    conversations = [[{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]
+                     for i in range(12)]
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "messages": c}) + "\n" for i, c in enumerate(conversations)))
+    build_tiny_model("mixtral").save_pretrained(tmp_path / "base")
+    chat_tokenizer.save_pretrained(tmp_path / "base")
+    assert main(["prune", "--model", str(tmp_path / "base"), "--experts-per-layer", "3", "--calibration", str(path),
+                 "--chat-template", "--num-samples", "10", "--seq-len", "16", "--output", str(tmp_path / "out")]) == 0
+    record = json.loads((tmp_path / "out" / "config.json").read_text())["moeprune"]["steps"][0]["calibration"]
+    rendered = [chat_tokenizer.apply_chat_template(c, tokenize=False) for c in conversations[:10]]
+    assert record["token_sha256"] == prepare_calibration(rendered, chat_tokenizer, seq_len=16).sha256()
+    assert record["description"] == f"{path}, column 'messages', 10 rows, chat template applied"
