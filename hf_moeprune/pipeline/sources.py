@@ -70,6 +70,7 @@ class StreamingSource(InMemorySource):
         self.reader, self.writer, self.device = reader, writer, device
         self._pool: ThreadPoolExecutor | None = None
         self._prefetched: dict[tuple[int, str], Future] = {}
+        self.consume_input = False  # delete each input shard once its layer is written (intermediate phases)
         self.keys = reader.keys_by_unit([unit.path for unit in self.units])
         self.reader.load_into(model, reader.read(self.keys[None]))  # embedding, norm, head: kept all along
         if getattr(model.config, "tie_word_embeddings", False):
@@ -99,6 +100,9 @@ class StreamingSource(InMemorySource):
     def finish(self, unit: Unit, write: bool) -> None:
         if write and self.writer is not None:
             self.writer.write_module(self.model, unit.path, unit.module, unit.index)
+            if self.consume_input:  # an intermediate phase's shard, read for the last time
+                for name in {self.reader.files[key] for key in self.keys[unit.path]}:
+                    (self.reader.folder / name).unlink(missing_ok=True)
         unit.module.to("meta")
 
     def close(self, write: bool) -> None:

@@ -63,9 +63,11 @@ def local_checkpoint(model: str | os.PathLike, **hub_kwargs: Any) -> Path:
     return Path(snapshot_download(str(model), allow_patterns=patterns, **hub_kwargs))
 
 
-def check_free_disk(source: Path, output: Path, phases: int) -> None:
-    """Refuse up front when the output folder's disk cannot hold the phases' shards (at most two at once)."""
-    needed = checkpoint_bytes(source) * min(phases, 2)
+def check_free_disk(source: Path, output: Path, growth: float) -> None:
+    """Refuse up front when the output folder's disk cannot hold the result. Reductions never grow a
+    checkpoint beyond `growth` times the input (the dtype ratio), and a later phase deletes each shard of
+    the previous one as soon as its layer is written, so about one output's worth is on disk at a time."""
+    needed = int(checkpoint_bytes(source) * growth)
     free = shutil.disk_usage(output.parent if output.parent.exists() else Path.cwd()).free
     if free < needed:
         raise OSError(
@@ -128,8 +130,9 @@ def reduce_checkpoint(
     target_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, hf_config)
     output = check_output_dir(output_dir, overwrite=overwrite, source=folder)
-    phases = 2 if method.second_phase() is not None else 1
-    check_free_disk(folder, output, phases)
+    stored = resolve_dtype(None, hf_config)
+    growth = torch_dtype.itemsize / stored.itemsize if torch_dtype is not None and stored is not None else 1.0
+    check_free_disk(folder, output, max(growth, 1.0))
     meta = build_meta_model(hf_config, torch_dtype, family.task, trust_remote_code)
     if tokenizer is None:
         try:
@@ -155,11 +158,10 @@ def reduce_checkpoint(
     def phase_source(phase: int) -> StreamingSource:
         target = partial / f"phase-{phase}"
         target.mkdir(parents=True, exist_ok=True)
-        if phase >= 2:
-            shutil.rmtree(partial / f"phase-{phase - 2}", ignore_errors=True)  # no longer read by anyone
         previous = partial / f"phase-{phase - 1}" if phase else folder
         source = StreamingSource(meta, layers, CheckpointReader(previous, meta, torch_dtype), None, target_device)
         source.writer = ShardWriter(target, len(source.units))
+        source.consume_input = phase > 0  # never the user's input
         return source
 
     def save_state(progress_state: dict[str, Any]) -> None:
