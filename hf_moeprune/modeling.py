@@ -66,7 +66,12 @@ class MoEPruneModel(nn.Module):
         return find_moe_layers(self.model, self.spec)
 
     def prune_experts(
-        self, config: MoEPruneConfig, calibration: Any = None, tokenizer: Any = None, **calibration_options: Any
+        self,
+        config: MoEPruneConfig,
+        calibration: Any = None,
+        tokenizer: Any = None,
+        device: str | torch.device | None = None,
+        **calibration_options: Any,
     ) -> MoEPruneModel:
         """Remove experts (or zero weights inside them) with a registered method; returns self.
 
@@ -75,15 +80,23 @@ class MoEPruneModel(nn.Module):
             calibration: Texts (with a tokenizer), a `datasets.Dataset` with a `text` column, or token ids.
                 Data-free methods ignore it.
             tokenizer: Overrides the tokenizer loaded with the model.
+            device: Run each decoder layer there in turn (e.g. `"cuda"` for a model kept in host memory);
+                default: where the model is.
             **calibration_options: `seq_len`, `batch_size`, `max_sequences`, `text_column`, `description`.
         """
-        return self._apply(config, calibration, tokenizer, ("prune", "unstructured"), calibration_options)
+        return self._apply(config, calibration, tokenizer, ("prune", "unstructured"), device, calibration_options)
 
     def merge_experts(
-        self, config: MoEPruneConfig, calibration: Any = None, tokenizer: Any = None, **calibration_options: Any
+        self,
+        config: MoEPruneConfig,
+        calibration: Any = None,
+        tokenizer: Any = None,
+        device: str | torch.device | None = None,
+        **calibration_options: Any,
     ) -> MoEPruneModel:
-        """Merge groups of experts into one with a registered merge method; returns self."""
-        return self._apply(config, calibration, tokenizer, ("merge",), calibration_options)
+        """Merge groups of experts into one with a registered merge method; returns self (arguments as
+        for `prune_experts`)."""
+        return self._apply(config, calibration, tokenizer, ("merge",), device, calibration_options)
 
     @torch.no_grad()
     def _apply(
@@ -92,6 +105,7 @@ class MoEPruneModel(nn.Module):
         calibration: Any,
         tokenizer: Any,
         kinds: tuple[str, ...],
+        device: str | torch.device | None,
         calibration_options: dict[str, Any],
     ) -> MoEPruneModel:
         method_class = get_method(config.method)
@@ -106,7 +120,7 @@ class MoEPruneModel(nn.Module):
         if method.needs_calibration:
             options = {"vocab_size": getattr(self.model.config, "vocab_size", None), **calibration_options}
             data = prepare_calibration(calibration, tokenizer or self.tokenizer, **options)
-        source = InMemorySource(self.model, layers)
+        source = InMemorySource(self.model, layers, torch.device(device) if device is not None else None)
         report = run_step(lambda phase: source, method, data.batches if data is not None else None, progress=self.progress)
         self.record_step(config, report, data.record() if data is not None else None)
         return self

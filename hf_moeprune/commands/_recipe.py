@@ -197,6 +197,8 @@ def run_recipe(args: argparse.Namespace, merge: bool) -> int:
         check_chat_template(model_path)
     _with_cli_names(check_output_dir, args.output, overwrite=args.overwrite, source=model_path)  # before loading
     device = resolve_device(args.device)
+    if args.max_memory:
+        parse_max_memory(args.max_memory)
     model_config = AutoConfig.from_pretrained(model_path, trust_remote_code=args.trust_remote_code)
     resolve_dtype(args.dtype, model_config)
     family = family_for_model_type(model_config.model_type)
@@ -214,9 +216,10 @@ def run_recipe(args: argparse.Namespace, merge: bool) -> int:
         )
         record = json.loads((folder / "config.json").read_text())["moeprune"]
     else:
-        model = _load_in_memory(model_path, family.task, args, device)
+        model = _load_in_memory(model_path, family.task, args)
         step = model.merge_experts if merge else model.prune_experts
-        _with_cli_names(step, config, calibration=rows, **options)
+        onload = device if device.type != "cpu" and not args.max_memory else None  # layer by layer onto the GPU
+        _with_cli_names(step, config, calibration=rows, device=onload, **options)
         folder = model.save_pretrained(args.output, overwrite=args.overwrite)
         record = model.record
     from .inspect import print_table
@@ -264,16 +267,14 @@ def parse_max_memory(text: str) -> dict[int | str, str]:
     return limits
 
 
-def _load_in_memory(model_path: str, task: str, args: argparse.Namespace, device: Any):
+def _load_in_memory(model_path: str, task: str, args: argparse.Namespace):
     from ..modeling import AutoMoEPruneModelForCausalLM, AutoMoEPruneModelForSeq2SeqLM
 
     kwargs: dict[str, Any] = {"trust_remote_code": args.trust_remote_code}
     if args.dtype:
         kwargs["dtype"] = args.dtype
-    if args.max_memory:
+    if args.max_memory:  # spread over the GPUs (and host memory) with accelerate's device map
         kwargs.update(device_map="auto", max_memory=parse_max_memory(args.max_memory))
-    elif device.type != "cpu":
-        kwargs["device_map"] = str(device)
     auto = AutoMoEPruneModelForSeq2SeqLM if task == "seq2seq-lm" else AutoMoEPruneModelForCausalLM
     return auto.from_pretrained(model_path, **kwargs)
 

@@ -26,23 +26,37 @@ Weights = Literal["all", "router"]
 
 
 class InMemorySource:
-    """The loaded model's own layers: nothing is read or written."""
+    """The loaded model's own layers: nothing is read or written.
 
-    def __init__(self, model: nn.Module, moe_layers: Sequence[MoELayer]) -> None:
+    With `device` (a GPU while the model sits in host memory), each decoder layer is moved there for its
+    turn and back afterwards, as llm-compressor's sequential pipeline onloads layers.
+    """
+
+    def __init__(
+        self, model: nn.Module, moe_layers: Sequence[MoELayer], device: torch.device | None = None
+    ) -> None:
         self.model = model
         self.moe_layers = list(moe_layers)
         self.layerwise = is_layerwise(model)
         self.units = decoder_units(model, moe_layers) if self.layerwise else block_units(model, moe_layers)
+        self.onload = device if device is not None and self.layerwise else None
+        self._home: dict[int, torch.device] = {}
 
     def capture(self, batches: Sequence[torch.Tensor]) -> LayerInputs:
         return capture_layer_inputs(self.model, batches)
 
     def load(self, position: int, weights: Weights = "all") -> Unit:
         """The unit at `position`, its weights in memory (`weights="router"`: at least the router rows)."""
-        return self.units[position]
+        unit = self.units[position]
+        if self.onload is not None:
+            self._home[position] = next(unit.module.parameters()).device
+            unit.module.to(self.onload)
+        return unit
 
     def finish(self, unit: Unit, write: bool) -> None:
         """Done with `unit` for this sweep (streaming: write it if asked, then free it)."""
+        if self.onload is not None:
+            unit.module.to(self._home.pop(unit.index))
 
     def close(self, write: bool) -> None:
         """The sweep is over (streaming: write what lies outside the units and the shard index)."""

@@ -162,7 +162,7 @@ class ClusterMergeMethod(ExpertMethod):
                     layer,
                     groups,
                     mode=options["alignment"],
-                    inputs=inputs,
+                    inputs=inputs.to(layer.router_tensors()["weight"].device) if inputs is not None else None,
                     sketch_dim=options["alignment_sketch"],
                     solver=options["alignment_solver"],
                     seed=self.config.seed,
