@@ -216,3 +216,12 @@ def test_cli_streaming_flag_gives_the_in_memory_checkpoint(tmp_path, monkeypatch
     assert_same_checkpoint(tmp_path / "memory", tmp_path / "streamed")
     assert main([*common, "--output", "x", "--resume", "--in-memory"]) == 2
     assert "--resume continues streaming runs only" in capsys.readouterr().err
+
+
+def test_non_uniform_input_streams_like_in_memory(tmp_path):
+    source = sharded_checkpoint(tmp_path / "in", num_hidden_layers=3)
+    reduce_checkpoint(source, tmp_path / "stun", MoEPruneConfig(method="stun", expert_sparsity=0.4), progress=False)
+    assert record(tmp_path / "stun")["uniform"] is False
+    config = MoEPruneConfig(method="frequency", experts_per_layer=2)
+    reduce_checkpoint(tmp_path / "stun", tmp_path / "streamed", config, calibration=CALIB, progress=False)
+    assert_same_checkpoint(in_memory(tmp_path / "stun", tmp_path / "memory", config), tmp_path / "streamed")
