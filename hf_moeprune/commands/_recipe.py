@@ -50,6 +50,14 @@ def add_recipe_arguments(parser: argparse.ArgumentParser, default_method: str, m
     data.add_argument("--batch-size", type=int, default=8, metavar="N", help="Sequences per calibration forward pass.")
     data.add_argument("--max-sequences", type=int, default=128, metavar="N",
                       help="At most this many packed sequences (tokens used: at most seq-len x max-sequences).")
+    add_run_arguments(parser)
+    parser.add_argument("--save-recipe", metavar="FILE",
+                        help="After a successful run, write its recipe (model, calibration, steps) as YAML for "
+                        "`hf-moeprune run FILE`.")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Output, placement and streaming arguments: the same for `prune`, `merge` and `run`."""
     placement = parser.add_argument_group("precision, placement and streaming")
     placement.add_argument("--device", default="cpu",
                            help="Where layers run: cpu, cuda, cuda:N or auto (a GPU when there is one).")
@@ -176,6 +184,28 @@ def default_calibration() -> list[str]:
 
 
 def run_recipe(args: argparse.Namespace, merge: bool) -> int:
+    """`prune` / `merge`: one step."""
+    check_recipe_arguments(args, merge)
+    return execute(args, [_with_cli_names(recipe_from_args, args)])
+
+
+CALIBRATION_FIELDS = ("calibration", "split", "text_column", "num_samples", "chat_template", "seq_len",
+                      "batch_size", "max_sequences")
+
+
+def recipe_of(args: argparse.Namespace, configs: list) -> dict[str, Any]:
+    """The run as a recipe file's content: what `hf-moeprune run` needs to repeat it exactly."""
+    calibration = {("source" if name == "calibration" else name): getattr(args, name) for name in CALIBRATION_FIELDS}
+    return {
+        "model": args.model,
+        "calibration": {key: value for key, value in calibration.items() if value not in (None, False)},
+        "steps": [config.to_dict() for config in configs],
+    }
+
+
+def execute(args: argparse.Namespace, configs: list) -> int:
+    """Run `configs` in order on `args.model` and save to `args.output`: checks first, then one load (or one
+    streaming pass per step), then one atomic save."""
     from transformers import AutoConfig
 
     from ..checkpoint import check_output_dir
@@ -187,10 +217,13 @@ def run_recipe(args: argparse.Namespace, merge: bool) -> int:
         from ..progress import disable_progress_bars
 
         disable_progress_bars()
-    check_recipe_arguments(args, merge)
-    config = _with_cli_names(recipe_from_args, args)
-    method = _with_cli_names(get_method(config.method), config)  # option errors here, before any weights
-    rows, description = read_calibration(args) if method.needs_calibration else (None, None)
+    for flag in ("seq_len", "batch_size", "max_sequences"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {value}.")
+    methods = [_with_cli_names(get_method(config.method), config) for config in configs]  # option errors first
+    calibrated = any(method.needs_calibration for method in methods)
+    rows, description = read_calibration(args) if calibrated else (None, None)
     model_path = args.model or default_model()
     check_model_path(model_path)
     if args.chat_template:
@@ -207,26 +240,59 @@ def run_recipe(args: argparse.Namespace, merge: bool) -> int:
         raise ValueError("--resume continues streaming runs only; add --streaming.")
     options = dict(seq_len=args.seq_len, batch_size=args.batch_size, max_sequences=args.max_sequences,
                    num_samples=args.num_samples, chat_template=args.chat_template, description=description)
+    recipe = recipe_of(args, configs)
     if streaming:
-        from ..pipeline.streaming import reduce_checkpoint
-
-        folder = _with_cli_names(
-            reduce_checkpoint, model_path, args.output, config, calibration=rows, device=device, dtype=args.dtype,
-            trust_remote_code=args.trust_remote_code, overwrite=args.overwrite, resume=args.resume, **options,
-        )
+        folder = _stream_steps(model_path, args, configs, rows, device, recipe, options)
         record = json.loads((folder / "config.json").read_text())["moeprune"]
     else:
         model = _load_in_memory(model_path, family.task, args)
-        step = model.merge_experts if merge else model.prune_experts
         onload = device if device.type != "cpu" and not args.max_memory else None  # layer by layer onto the GPU
-        _with_cli_names(step, config, calibration=rows, device=onload, **options)
+        for config, method in zip(configs, methods, strict=True):
+            step = model.merge_experts if method.kind == "merge" else model.prune_experts
+            _with_cli_names(step, config, calibration=rows, device=onload, **options)
+        model.record["recipe"] = recipe
         folder = model.save_pretrained(args.output, overwrite=args.overwrite)
         record = model.record
+    if getattr(args, "save_recipe", None):
+        Path(args.save_recipe).write_text(recipe_yaml(recipe))
     from .inspect import print_table
 
     print_table(record)
     print(f"Saved {folder}")
     return 0
+
+
+def recipe_yaml(recipe: dict[str, Any]) -> str:
+    import yaml
+
+    return yaml.safe_dump(recipe, sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
+def _stream_steps(model_path, args, configs, rows, device, recipe, options) -> Path:
+    """One streaming run per step; a step's output is the next one's input, kept beside the output until the
+    last step is saved (so `--resume` also skips finished steps)."""
+    import shutil
+
+    from ..checkpoint import is_moeprune_checkpoint
+    from ..pipeline.streaming import reduce_checkpoint
+
+    output = Path(args.output).expanduser().resolve()
+    steps_dir = output.parent / f".{output.name}.moeprune-steps"
+    source = Path(model_path)
+    for index, config in enumerate(configs):
+        last = index == len(configs) - 1
+        target = output if last else steps_dir / f"step-{index}"
+        if not last and args.resume and is_moeprune_checkpoint(target):
+            source = target
+            continue
+        folder = _with_cli_names(
+            reduce_checkpoint, source, target, config, calibration=rows, device=device, dtype=args.dtype,
+            trust_remote_code=args.trust_remote_code, overwrite=args.overwrite or not last, resume=args.resume,
+            recipe=recipe if last else None, **options,
+        )
+        source = folder
+    shutil.rmtree(steps_dir, ignore_errors=True)
+    return folder
 
 
 def should_stream(model_path: str, model_config: Any) -> bool:

@@ -39,6 +39,7 @@ GENERATED_MARKER = (
 )
 # Precedes each recipe block so the recipe can be read back from a card.
 RECIPE_MARKER = "<!-- hf_moeprune:recipe -->"
+RUN_RECIPE_MARKER = "<!-- hf_moeprune:run-recipe -->"
 
 EVAL_RESULTS_FILE = "eval_results.json"
 BENCH_FILE = "bench.json"
@@ -275,6 +276,12 @@ def _final_folder_name(folder: Path) -> str:
     return match.group(1) if match else name
 
 
+def _method_kind(name: str) -> str:
+    from ..commands.methods import METHOD_KINDS
+
+    return METHOD_KINDS.get(name, "prune")
+
+
 def _recipe_yaml(config_dict: dict[str, Any]) -> str:
     config_dict = {
         "method": config_dict.get("method"),
@@ -406,6 +413,7 @@ def build_model_card(
                 "paper_url": info.paper_url,
                 "paper_title": info.paper_title,
                 "recipe_yaml": _recipe_yaml(step.get("config") or {"method": method}),
+                "call": "merge_experts" if _method_kind(method) == "merge" else "prune_experts",
                 "calibration": calibration if isinstance(calibration, dict) else None,
             }
         )
@@ -451,6 +459,8 @@ def build_model_card(
         uniform=uniform,
         library_version=entry.get("library_version", __version__),
         steps=step_views,
+        run_recipe_marker=RUN_RECIPE_MARKER,
+        run_recipe_yaml=yaml.safe_dump(entry["recipe"], sort_keys=False).rstrip() if entry.get("recipe") else None,
         unstructured_infos=unstructured_infos,
         layer_rows=layer_rows,
         any_merge=any_merge,
@@ -505,3 +515,10 @@ def read_recipes_from_card(card: str | ModelCard | os.PathLike) -> list[MoEPrune
     return [
         MoEPruneConfig.from_dict(yaml.safe_load(block)) for block in re.findall(pattern, text, flags=re.S)
     ]
+
+
+def read_run_recipe_from_card(card: str | os.PathLike) -> dict[str, Any] | None:
+    """The whole-run recipe a CLI run embedded in its card (what `hf-moeprune run` takes), or None."""
+    text = Path(card).read_text(encoding="utf-8") if isinstance(card, os.PathLike) else str(card)
+    found = re.search(re.escape(RUN_RECIPE_MARKER) + r"\s*```yaml\n(.*?)\n```", text, flags=re.S)
+    return yaml.safe_load(found.group(1)) if found else None

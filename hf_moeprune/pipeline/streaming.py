@@ -101,6 +101,7 @@ def reduce_checkpoint(
     overwrite: bool = False,
     resume: bool = False,
     progress: bool = True,
+    recipe: dict[str, Any] | None = None,
     hub_kwargs: dict[str, Any] | None = None,
     **calibration_options: Any,
 ) -> Path:
@@ -115,6 +116,7 @@ def reduce_checkpoint(
         device: Where each layer runs: `cpu`, `cuda`, `cuda:N` or `auto`.
         dtype: Compute and output dtype; default the checkpoint's.
         resume: Continue an interrupted run of the same recipe after its last finished layer.
+        recipe: The recipe file content of the whole run (CLI), kept in the record for the card.
         **calibration_options: `seq_len`, `batch_size`, `max_sequences`, `description`.
     """
     from transformers import AutoConfig, AutoTokenizer
@@ -180,6 +182,8 @@ def reduce_checkpoint(
             moe_layers=layers, resume=state, save_state=save_state,
         )
         wrapper.record_step(config, report, data.record() if data is not None else None)
+        if recipe is not None:
+            wrapper.record["recipe"] = recipe
         saved = save_checkpoint(
             meta, layers, wrapper.record, output, tokenizer=tokenizer, task=family.task,
             extra_files=lambda staging: _write_card(staging, output.name), overwrite=overwrite, source=folder,
