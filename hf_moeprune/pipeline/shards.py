@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -131,10 +130,41 @@ class ShardWriter:
     def _write(self, state: dict[str, torch.Tensor], model: nn.Module, position: int) -> None:
         from transformers.core_model_loading import revert_weight_conversion
 
-        state = revert_weight_conversion(model, state)
+        state = revert_weight_conversion(model, state)  # views into the layer's tensors, no copies
         name = self.shard_name(position)
-        tensors = {key: value.detach().to("cpu").contiguous() for key, value in state.items()}
-        save_file(tensors, self.folder / name, metadata={"format": "pt"})
-        for key, value in tensors.items():
+        write_safetensors(self.folder / name, state, metadata={"format": "pt"})
+        for key, value in state.items():
             self.weight_map[key] = name
             self.total_size += value.numel() * value.element_size()
+
+
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """A safetensors file written one tensor at a time from the tensors' own memory.
+
+    `safetensors.torch.save_file` first copies every tensor into a bytes object, which doubles a layer's
+    memory at the moment it is written; here only one tensor at a time is made contiguous on the CPU.
+    """
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for key in sorted(tensors):
+        tensor = tensors[key]
+        size = tensor.numel() * tensor.element_size()
+        header[key] = {"dtype": SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                       "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as file:
+        file.write(len(encoded).to_bytes(8, "little"))
+        file.write(encoded)
+        for key in sorted(tensors):
+            data = tensors[key].detach().to("cpu").contiguous()
+            if data.numel():
+                file.write(data.reshape(-1).view(torch.uint8).numpy().data)
