@@ -39,6 +39,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -155,17 +156,23 @@ def global_threshold_counts(
     return counts, float(threshold)
 
 
-def pick_representative(members: list[int], features: torch.Tensor) -> int:
-    """The member whose feature vector (flattened expert weights) is nearest the members' centroid."""
-    x = features[members].double()
-    distance = (x - x.mean(0, keepdim=True)).norm(dim=1)
-    return members[int(torch.argmin(distance))]
+def pick_representative(members: list[int], features: Sequence[torch.Tensor]) -> int:
+    """The member nearest the members' centroid, the features being the expert tensors `[E, ...]` taken
+    together (all of an expert's weights as one vector, or its router row).
+
+    The distance is summed tensor by tensor, so only the members' slice of one tensor is ever converted to
+    float64: a layer's experts are never copied whole (they are most of a streamed layer's memory).
+    """
+    squared = torch.zeros(len(members), dtype=torch.float64)
+    for tensor in features:
+        x = tensor[members].detach().double().reshape(len(members), -1)
+        squared += (x - x.mean(0, keepdim=True)).pow(2).sum(1).cpu()
+    return members[int(torch.argmin(squared))]
 
 
-def expert_features(layer: MoELayer) -> torch.Tensor:
-    """`[E, D]`: every expert's weights (all expert tensors) flattened into one vector."""
-    tensors = layer.expert_tensors()
-    return torch.cat([t.detach().reshape(t.shape[0], -1).float() for t in tensors.values()], dim=1)
+def expert_features(layer: MoELayer) -> list[torch.Tensor]:
+    """Every expert tensor of the layer (`[E, ...]` each): together, each expert's weights as one vector."""
+    return list(layer.expert_tensors().values())
 
 
 # -------------------------------------------------------------------------------------------------- method
@@ -279,7 +286,7 @@ class STUN(ExpertMethod):
                 self.details["threshold"][layer.path] = float(dendrogram.heights[dendrogram.num_experts - count - 1])
             if count == layer.num_experts:
                 continue  # nothing removed in this layer
-            features = expert_features(layer) if self.representative == "centroid" else layer.router_tensors()["weight"]
+            features = expert_features(layer) if self.representative == "centroid" else [layer.router_tensors()["weight"]]
             groups = [
                 members if 1 < len(members) <= self.average_up_to else [pick_representative(members, features)]
                 for members in clusters
