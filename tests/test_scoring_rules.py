@@ -51,21 +51,21 @@ def test_frequency_breaks_count_ties_by_router_probability_mass():
 
 
 def test_frequency_ranks_by_count_before_mass():
-    """Expert 0 routes one token more than expert 1 but has far less mass: the count decides.
-    Catches a tie-break weighted so heavily that mass overrides the count."""
-    counts = [[11, 10, 30, 30, 5, 5]] * 2
-    mass = [[0.5, 9.0, 8.0, 8.0, 1.0, 1.0]] * 2
-    assert _frequency_plan(counts, mass, tokens=46, experts_per_layer=3) == [[0, 2, 3]] * 2
+    """Expert 0 routes 100 of 10,000 tokens more than expert 1 but has far less mass: the count decides.
+    Catches a tie-break weighted so heavily (or scaled by the token count) that mass overrides the count."""
+    counts = [[1100, 1000, 3000, 3000, 500, 500]] * 2
+    mass = [[50.0, 900.0, 3000.0, 3000.0, 500.0, 500.0]] * 2
+    assert _frequency_plan(counts, mass, tokens=10_000, experts_per_layer=3) == [[0, 2, 3]] * 2
 
 
 def test_adaptive_frequency_spends_the_budget_on_the_busiest_experts_model_wide():
-    """8 of 12 experts, top-2: each layer keeps its 2 most used, then the 4 highest shares model-wide, which
-    all lie in layer 0 (layer 1's routing is concentrated on two experts). Catches a per-layer split of the
-    budget, a budget off by one and a ranking of the wrong sign."""
-    counts = [[20, 19, 18, 17, 16, 15], [100, 90, 1, 1, 1, 1]]
+    """7 of 12 experts, top-2: each layer keeps its 2 most used, then the 3 highest remaining shares
+    model-wide: layer 1's expert 2 (80/273) and layer 0's experts 2 and 3 (18/105, 17/105). Catches a
+    per-layer split of the budget, a budget step other than one expert and a ranking of the wrong sign."""
+    counts = [[20, 19, 18, 17, 16, 15], [100, 90, 80, 1, 1, 1]]
     mass = [[1.0] * 6, [1.0] * 6]
-    kept = _frequency_plan(counts, mass, tokens=100, num_experts_total=8, adaptive=True)
-    assert kept == [[0, 1, 2, 3, 4, 5], [0, 1]]
+    kept = _frequency_plan(counts, mass, tokens=200, num_experts_total=7, adaptive=True)
+    assert kept == [[0, 1, 2, 3], [0, 1, 2]]
 
 
 def test_frequency_applies_a_requested_top_k():
