@@ -81,8 +81,9 @@ def test_testbed_reloads_with_plain_transformers_and_documented_perplexity(name)
     result = perplexity(
         model, tokenizer, documents, window=metrics["slice_perplexity"]["window"], progress=False
     )
+    # float32 sums differ between CPUs only in the last digits (3e-9 relative between thread counts here)
     assert result["overall"]["perplexity"] == pytest.approx(
-        metrics["slice_perplexity"]["perplexity"], rel=1e-3
+        metrics["slice_perplexity"]["perplexity"], rel=1e-5
     )
     # A trained model, far from uniform guessing over the vocabulary.
     assert metrics["heldout_perplexity"]["overall"]["perplexity"] < len(tokenizer) / 20
