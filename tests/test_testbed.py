@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -80,8 +81,9 @@ def test_testbed_reloads_with_plain_transformers_and_documented_perplexity(name)
     result = perplexity(
         model, tokenizer, documents, window=metrics["slice_perplexity"]["window"], progress=False
     )
+    # float32 sums differ between CPUs only in the last digits (3e-9 relative between thread counts here)
     assert result["overall"]["perplexity"] == pytest.approx(
-        metrics["slice_perplexity"]["perplexity"], rel=1e-3
+        metrics["slice_perplexity"]["perplexity"], rel=1e-5
     )
     # A trained model, far from uniform guessing over the vocabulary.
     assert metrics["heldout_perplexity"]["overall"]["perplexity"] < len(tokenizer) / 20
@@ -92,19 +94,26 @@ def test_default_model_is_the_8_expert_testbed():
 
 
 @pytest.mark.parametrize("name", TESTBEDS)
-def test_recorded_expert_behaviour(name):
-    """The recorded study shows specialisation above the sampling-noise floor and a clear loss on removal."""
+def test_testbed_routes_the_two_domains_to_different_experts(name):
+    """Recomputed on a few held-out documents: the Jensen-Shannon divergence between BBC's and Shakespeare's
+    expert-choice histograms is well above the divergence between two random halves of one domain (what
+    sampling noise alone gives). Fails for a model whose router ignores the text, or an untrained one."""
     if not _trained(name):
         pytest.skip(f"{name} not trained in this checkout")
-    metrics = json.loads((testbed.testbed_path(name) / "testbed_metrics.json").read_text())
-    routing = metrics["routing"]
-    noise = max(v["mean"] for v in routing["js_bits_null_random_halves"].values())
-    assert routing["js_bits"]["bbc_vs_shakespeare"]["mean"] > 3 * noise
-    base = metrics["random_expert_removal"]["baseline_perplexity"]
-    removal = {
-        r["fraction_removed"]: r["perplexity_mean"] for r in metrics["random_expert_removal"]["results"]
+    from hf_moeprune.evaluate import heldout_subset
+    from hf_moeprune.testbed.report import js_divergence, load_testbed, routing_counts
+
+    torch.set_num_threads(1)
+    model, tokenizer = load_testbed(testbed.testbed_path(name))
+    # the first 256 tokens or so of 8 documents per domain: about 2,000 routed tokens per domain
+    per_domain = {
+        domain: [replace(d, text=d.text[:1200]) for d in heldout_subset(heldout_documents(domain), 8)]
+        for domain in ("bbc", "shakespeare")
     }
-    assert base < removal[0.25] < removal[0.5]
+    counts = {domain: routing_counts(model, tokenizer, docs) for domain, docs in per_domain.items()}
+    between = js_divergence(counts["bbc"].sum(0), counts["shakespeare"].sum(0)).mean()
+    noise = max(js_divergence(c[::2].sum(0), c[1::2].sum(0)).mean() for c in counts.values())
+    assert between > 3 * noise, (float(between), float(noise))
 
 
 def test_training_script_runs_a_few_steps(tmp_path):
@@ -175,23 +184,33 @@ def test_training_script_runs_a_few_steps(tmp_path):
     )
 
 
-def test_testbeds_share_backbone_tokenizer_and_budget():
+def test_testbeds_share_backbone_and_tokenizer():
+    """The 8- and 32-expert testbeds differ only in their experts, so comparisons between them are fair: every
+    other weight has the same shape, and both tokenise text to the same ids."""
     if not all(_trained(name) for name in TESTBEDS):
         pytest.skip("testbeds not trained in this checkout")
-    from transformers import AutoConfig
-
+    from hf_moeprune.testbed.report import load_testbed
     from hf_moeprune.testbed.train import BACKBONE
 
-    configs = {name: AutoConfig.from_pretrained(testbed.testbed_path(name)) for name in TESTBEDS}
-    for config in configs.values():
-        assert config.model_type == "mixtral"
+    loaded = {name: load_testbed(testbed.testbed_path(name)) for name in TESTBEDS}
+    shapes = {
+        name: {
+            n: tuple(p.shape)
+            for n, p in model.named_parameters()
+            if ".experts." not in n and ".gate." not in n
+        }
+        for name, (model, _) in loaded.items()
+    }
+    assert shapes["mixtral-8e"] == shapes["mixtral-32e"]
+    assert [loaded[n][0].config.num_local_experts for n in TESTBEDS] == [8, 32]
+    for model, _ in loaded.values():
         for key, value in BACKBONE.items():
-            found = config.rope_parameters["rope_theta"] if key == "rope_theta" else getattr(config, key)
+            found = (
+                model.config.rope_parameters["rope_theta"]
+                if key == "rope_theta"
+                else getattr(model.config, key)
+            )
             assert found == value, key
-    assert [configs[n].num_local_experts for n in TESTBEDS] == [8, 32]
-    tokenizers = {(testbed.testbed_path(n) / "tokenizer.json").read_bytes() for n in TESTBEDS}
-    assert len(tokenizers) == 1
-    reports = [json.loads((testbed.testbed_path(n) / "training_report.json").read_text()) for n in TESTBEDS]
-    assert (
-        len({(r["training_tokens"], r["seed"], r["batch_size"], r["seq_len"], r["lr"]) for r in reports}) == 1
-    )
+    text = heldout_documents()[0].text
+    ids = [tokenizer(text)["input_ids"] for _, tokenizer in loaded.values()]
+    assert ids[0] == ids[1] and len(ids[0]) > 100

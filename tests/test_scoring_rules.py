@@ -1,0 +1,100 @@
+"""Scoring rules on hand-made statistics whose answer is worked out by hand.
+
+Written to kill the mutants that `make mutate` found surviving in frequency and STUN: a flipped tie-break, the
+adaptive (global) budget, a dropped `top_k`, the co-activation distance formula and STUN's default phase-2
+algorithm. Each test says which rule it pins.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import VOCAB, build_tiny_model
+
+from hf_moeprune import AutoMoEPruneModelForCausalLM
+from hf_moeprune.calibration import LayerStatistics
+from hf_moeprune.config import MoEPruneConfig
+from hf_moeprune.methods import MethodContext, get_method
+from hf_moeprune.methods.stun import _mean_offdiag, coactivation_distance
+
+CALIB = torch.randint(3, VOCAB, (4, 16), generator=torch.Generator().manual_seed(2))
+
+
+def _frequency_plan(
+    counts: list[list[float]], mass: list[list[float]], tokens: int, **target
+) -> list[list[int]]:
+    """Frequency's kept experts per layer for the given routed counts and router-probability mass."""
+    wrapped = AutoMoEPruneModelForCausalLM.from_model(build_tiny_model("mixtral"))
+    layers = wrapped.moe_layers()
+    statistics = {}
+    for layer, layer_counts, layer_mass in zip(layers, counts, mass, strict=True):
+        stats = LayerStatistics(layer.num_experts, 64, 48)
+        stats.tokens = tokens
+        stats.counts = torch.tensor(layer_counts, dtype=torch.float64)
+        stats.prob_mass = torch.tensor(layer_mass, dtype=torch.float64)
+        statistics[layer.path] = stats
+    config = MoEPruneConfig(method="frequency", **target)
+    method = get_method("frequency")(config)
+    method.validate(layers)
+    context = MethodContext(model=wrapped.model, layers=layers, spec=wrapped.spec, config=config)
+    context._statistics = statistics
+    plan = method.run(context).plan
+    return [sorted(g[0] for g in plan.layers[layer.path].groups) for layer in layers]
+
+
+def test_frequency_breaks_count_ties_by_router_probability_mass():
+    """Experts 0 and 1 route the same number of tokens; expert 1 has more probability mass, so it stays.
+    Catches a tie-break of the wrong sign."""
+    counts = [[10, 10, 30, 30, 5, 5]] * 2
+    mass = [[2.0, 3.0, 8.0, 8.0, 1.0, 1.0]] * 2
+    assert _frequency_plan(counts, mass, tokens=45, experts_per_layer=3) == [[1, 2, 3]] * 2
+
+
+def test_frequency_ranks_by_count_before_mass():
+    """Expert 0 routes 100 of 10,000 tokens more than expert 1 but has far less mass: the count decides.
+    Catches a tie-break weighted so heavily (or scaled by the token count) that mass overrides the count."""
+    counts = [[1100, 1000, 3000, 3000, 500, 500]] * 2
+    mass = [[50.0, 900.0, 3000.0, 3000.0, 500.0, 500.0]] * 2
+    assert _frequency_plan(counts, mass, tokens=10_000, experts_per_layer=3) == [[0, 2, 3]] * 2
+
+
+def test_adaptive_frequency_spends_the_budget_on_the_busiest_experts_model_wide():
+    """7 of 12 experts, top-2: each layer keeps its 2 most used, then the 3 highest remaining shares
+    model-wide: layer 1's expert 2 (80/273) and layer 0's experts 2 and 3 (18/105, 17/105). Catches a
+    per-layer split of the budget, a budget step other than one expert and a ranking of the wrong sign."""
+    counts = [[20, 19, 18, 17, 16, 15], [100, 90, 80, 1, 1, 1]]
+    mass = [[1.0] * 6, [1.0] * 6]
+    kept = _frequency_plan(counts, mass, tokens=200, num_experts_total=7, adaptive=True)
+    assert kept == [[0, 1, 2, 3], [0, 1, 2]]
+
+
+def test_frequency_applies_a_requested_top_k():
+    wrapped = AutoMoEPruneModelForCausalLM.from_model(build_tiny_model("mixtral"))
+    wrapped.prune_experts(MoEPruneConfig(method="frequency", experts_per_layer=3, top_k=1), calibration=CALIB)
+    assert all(layer.top_k == 1 for layer in wrapped.moe_layers())
+    assert wrapped.model.config.num_experts_per_tok == 1
+
+
+def test_coactivation_distance_is_one_minus_the_normalised_co_routing():
+    """C = tokens routed to both i and j: d_ij = 1 - C_ij / sqrt(C_ii C_jj), 0 on the diagonal."""
+    c = torch.tensor([[4.0, 2.0, 0.0], [2.0, 9.0, 6.0], [0.0, 6.0, 4.0]])
+    expected = torch.tensor(
+        [[0.0, 1 - 2 / 6, 1.0], [1 - 2 / 6, 0.0, 1 - 6 / 6], [1.0, 1 - 6 / 6, 0.0]], dtype=torch.float64
+    )
+    torch.testing.assert_close(coactivation_distance(c), expected, rtol=0, atol=1e-15)
+
+
+def test_mean_offdiagonal_distance_averages_the_n_times_n_minus_1_pairs():
+    d = torch.tensor([[0.0, 1.0, 2.0], [1.0, 0.0, 3.0], [2.0, 3.0, 0.0]])
+    assert _mean_offdiag(d) == pytest.approx(12 / 6, abs=1e-15)
+    assert _mean_offdiag(torch.zeros(3, 3)) == 1.0  # an all-zero distance is left unscaled
+
+
+@pytest.mark.parametrize("nm, algorithm", [(None, "owl"), ((2, 4), "wanda")])
+def test_stun_phase_two_defaults_to_owl_and_to_wanda_for_n_m_patterns(nm, algorithm):
+    wrapped = AutoMoEPruneModelForCausalLM.from_model(build_tiny_model("mixtral"))
+    sparsity = {"nm_pattern": nm} if nm else {"weight_sparsity": 0.5}
+    wrapped.prune_experts(
+        MoEPruneConfig(method="stun", expert_sparsity=0.25, **sparsity), calibration=CALIB, batch_size=2
+    )
+    assert wrapped.record["steps"][-1]["details"]["unstructured"]["algorithm"] == algorithm
