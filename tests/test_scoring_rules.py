@@ -14,8 +14,10 @@ from conftest import VOCAB, build_tiny_model
 from hf_moeprune import AutoMoEPruneModelForCausalLM
 from hf_moeprune.calibration import LayerStatistics
 from hf_moeprune.config import MoEPruneConfig
-from hf_moeprune.methods import MethodContext, get_method
+from hf_moeprune.methods import get_method
 from hf_moeprune.methods.stun import _mean_offdiag, coactivation_distance
+from hf_moeprune.pipeline import Observation
+from hf_moeprune.pipeline.units import decoder_units
 
 CALIB = torch.randint(3, VOCAB, (4, 16), generator=torch.Generator().manual_seed(2))
 
@@ -36,10 +38,15 @@ def _frequency_plan(
     config = MoEPruneConfig(method="frequency", **target)
     method = get_method("frequency")(config)
     method.validate(layers)
-    context = MethodContext(model=wrapped.model, layers=layers, spec=wrapped.spec, config=config)
-    context._statistics = statistics
-    plan = method.run(context).plan
-    return [sorted(g[0] for g in plan.layers[layer.path].groups) for layer in layers]
+    units = decoder_units(wrapped.model, layers)  # the pipeline's hooks, fed the hand-made statistics
+    seen = {u.path: Observation(statistics={m.path: statistics[m.path] for m in u.moe_layers}) for u in units}
+    if method.needs.global_decision:
+        seen = {u.path: method.summarize(u, seen[u.path]) for u in units}
+        decision = method.decide(seen, layers)
+    else:
+        decision = method.decide(None, layers)
+    plans = {path: plan for u in units for path, plan in method.reduce(u, seen[u.path], decision).plans.items()}
+    return [sorted(g[0] for g in plans[layer.path].groups) for layer in layers]
 
 
 def test_frequency_breaks_count_ties_by_router_probability_mass():
