@@ -58,6 +58,10 @@ def _load(folder: Path, args: argparse.Namespace):
     from hf_moeprune.modeling import load_pretrained_model
 
     extra = {"gguf_file": args.gguf_file} if args.gguf_file else {}
+    if args.no_progress:
+        from transformers.utils.logging import disable_progress_bar
+
+        disable_progress_bar()
     if not folder.exists():
         raise FileNotFoundError(f"no such model folder: {folder}")
     try:

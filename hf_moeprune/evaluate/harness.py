@@ -57,23 +57,28 @@ def check_tasks(tasks: Sequence[str]) -> list[str]:
 
 @contextlib.contextmanager
 def quiet(progress: bool) -> Iterator[None]:
-    """lm-eval logs every step at INFO and draws a bar per batch; keep warnings, and bars only on request."""
+    """lm-eval logs every step at INFO and draws a bar per batch with `disable=False` hard-coded: keep its
+    warnings, and its bars (and datasets') only when `progress` is on."""
+    from tqdm import tqdm
+
     loggers = [logging.getLogger(name) for name in ("lm_eval", "lm-eval")]
     levels = [logger.level for logger in loggers]
-    previous = os.environ.get("TQDM_DISABLE")
     for logger in loggers:
         logger.setLevel(logging.ERROR)
+    draw = tqdm.__init__
+
+    def silent(self, *args, **kwargs):
+        kwargs["disable"] = True
+        draw(self, *args, **kwargs)
+
     if not progress:
-        os.environ["TQDM_DISABLE"] = "1"
+        tqdm.__init__ = silent
     try:
         yield
     finally:
+        tqdm.__init__ = draw
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
-        if previous is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = previous
 
 
 def run_lm_eval(
@@ -93,11 +98,15 @@ def run_lm_eval(
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
-    with quiet(progress):
-        results = simple_evaluate(
-            lm, tasks=list(tasks), limit=limit, task_manager=task_manager(), log_samples=True
-        )
+    training = model.training  # HFLM switches the model to eval mode; a caller's training mode comes back
+    try:
+        with quiet(progress):
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+            results = simple_evaluate(
+                lm, tasks=list(tasks), limit=limit, task_manager=task_manager(), log_samples=True
+            )
+    finally:
+        model.train(training)
     return results, lm
 
 
@@ -169,9 +178,8 @@ def evaluate_model(
         results, lm = run_lm_eval(model, tokenizer, rolling, limit, batch_size, ppl_window, progress)
         for task in rolling:
             documents = scored_documents(results["samples"][task.task_name], lm.tok_encode)
-            by_task[task.task_name] = perplexity_rows(task.task_name, documents) + lm_eval_rows(
-                results, task.task_name
-            )
+            overall, *split = perplexity_rows(task.task_name, documents)
+            by_task[task.task_name] = [overall, *lm_eval_rows(results, task.task_name), *split]
     return [row for name in names for row in by_task[name]]
 
 
