@@ -74,7 +74,7 @@ def test_unknown_task_is_refused_with_the_known_ones(tiny, tokenizer):
     message = str(error.value)
     assert "arc_eesy" in message
     assert all(name in message for name in ("ppl", "ppl_bbc", "arc_easy", "piqa", "hellaswag", "rte"))
-    assert check_tasks(["ppl", " arc_easy"]) == ["ppl", "arc_easy"]
+    assert check_tasks(["ppl", " arc_easy", "ppl"]) == ["ppl", "arc_easy"]
     assert known_tasks()[0] == "ppl" and "ppl_data" not in known_tasks()
 
 

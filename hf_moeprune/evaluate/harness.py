@@ -47,8 +47,9 @@ def known_tasks() -> list[str]:
 
 
 def check_tasks(tasks: Sequence[str]) -> list[str]:
-    """The task names, validated; raises `ValueError` listing the known tasks for an unknown one."""
-    names = [t.strip() for t in tasks if t.strip()]
+    """The task names, validated and without repeats; raises `ValueError` listing the known tasks for an
+    unknown one."""
+    names = list(dict.fromkeys(t.strip() for t in tasks if t.strip()))
     unknown = [t for t in names if t not in known_tasks()]
     if unknown:
         raise ValueError(f"Unknown task(s) {', '.join(unknown)}. Known tasks: {', '.join(known_tasks())}.")
