@@ -104,7 +104,15 @@ def run_lm_eval(
         with quiet(progress):
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
             results = simple_evaluate(
-                lm, tasks=list(tasks), limit=limit, task_manager=task_manager(), log_samples=True
+                lm,
+                tasks=list(tasks),
+                limit=limit,
+                task_manager=task_manager(),
+                log_samples=True,
+                # scoring draws no random numbers; leave the caller's global seeds alone
+                random_seed=None,
+                numpy_random_seed=None,
+                torch_random_seed=None,
             )
     finally:
         model.train(training)
