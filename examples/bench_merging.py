@@ -184,8 +184,7 @@ def main(argv=None) -> None:
     big = load("mixtral-32e", args.random_model, args.checkpoint_dir)
     small = load("mixtral-8e", args.random_model, args.checkpoint_dir)
     tokenizer = big.tokenizer
-    from hf_moeprune.evaluate.harness import heldout_subset
-    from hf_moeprune.evaluate.scoring import perplexity
+    from hf_moeprune.evaluate import heldout_subset, perplexity
 
     evals = {
         name: documents_within(
@@ -262,7 +261,7 @@ def render(rows, args, argv) -> str:
     lines = [
         "Command: `python examples/bench_merging.py " + " ".join(argv) + "`",
         "",
-        "Held-out perplexity from `hf_moeprune.evaluate.scoring.perplexity` (each document scored on its own in "
+        "Held-out perplexity from `hf_moeprune.evaluate.perplexity` (lm-eval's rolling log-likelihood: each document scored on its own in "
         f"windows of {args.seq_len} tokens; about {args.eval_tokens} tokens of held-out documents per domain; "
         "`±` is the across-document standard error, shown for the reference rows: differences between methods "
         "are paired on the same documents and so far more precise than that). Calibration "

@@ -120,13 +120,11 @@ def task_accuracy(model, tokenizer, limit: int) -> dict[str, float]:
     """arc_easy (acc) and piqa (acc_norm) on the first `limit` items with the project's harness
     (`hf_moeprune.evaluate`); the built-in cloze task where that harness or its data is missing."""
     try:
-        from hf_moeprune.evaluate.harness import multiple_choice
+        from hf_moeprune.evaluate import evaluate_model
 
-        out = {}
-        for task, metric in (("arc_easy", "acc"), ("piqa", "acc_norm")):
-            rows = multiple_choice(model, tokenizer, task, limit=limit, progress=False)
-            out[f"{task} {metric}"] = round(next(r["value"] for r in rows if r["metric"] == metric), 4)
-        return out
+        rows = evaluate_model(model, tokenizer, ["arc_easy", "piqa"], limit=limit, progress=False)
+        wanted = {("arc_easy", "acc"), ("piqa", "acc_norm")}
+        return {f"{r['task']} {r['metric']}": round(r["value"], 4) for r in rows if (r["task"], r["metric"]) in wanted}
     except (ImportError, FileNotFoundError, ValueError):
         return {"cloze acc": round(cloze_accuracy(model, tokenizer, _texts("heldout", "bbc")), 4)}
 

@@ -20,7 +20,7 @@ from hf_moeprune.bench.timing import summarize
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLERANCE = 1e-5
-LAUNCH_TIMEOUT = 240
+LAUNCH_TIMEOUT = 900  # six launches (one per model and process count) on a shared 2-core machine
 TINY = dict(
     hidden_size=64,
     intermediate_size=128,
@@ -183,6 +183,81 @@ def test_benchmark_one_and_two_processes(checkpoints, tmp_path):
     assert expert_bytes("mixtral-8e", 2) * 2 == expert_bytes("mixtral-8e", 1)
     assert expert_bytes("mixtral-4e", 2) * 2 == expert_bytes("mixtral-4e", 1)
     assert summary_table(payload["results"]).count("\n") == 7
+
+
+def _fake_result(label: str, experts: float, procs: int, median: float) -> dict:
+    """The fields the table and the plots read, with a made-up latency."""
+    stats = {"median": median, "p90": median * 1.2}
+    return {
+        "label": label, "mean_experts": experts, "num_processes": procs, "engine": "single",
+        "prefill_latency_s": stats, "decode_time_per_token_s": stats, "prefill_tokens_per_s": 1.0,
+        "decode_tokens_per_s": 1.0, "communication": None, "batch_size": 1, "seq_len": 8, "decode_tokens": 2,
+        "device": "cpu", "dtype": "float32", "perplexity": 10.0 + experts,
+        "memory": {"max_expert_param_bytes": 2**20 * experts, "max_peak_rss_bytes": 2**27},
+    }  # fmt: skip
+
+
+def test_each_model_gets_its_own_launch(monkeypatch, tmp_path):
+    """Peak RSS is per process: two models in one process would give the second the first one's peak."""
+    from hf_moeprune.bench import cli
+
+    commands = []
+
+    def fake_run(command, check, timeout):
+        commands.append(command)
+        part = command[command.index("--output") + 1]
+        model = command[command.index("--model") + 1]
+        with open(part, "w") as handle:
+            json.dump({"results": [{"model": model, "procs": command[command.index("--nproc_per_node") + 1]}]}, handle)
+
+    monkeypatch.setattr(cli.subprocess, "run", fake_run)
+    args = bench_args_from(build_parser().parse_args(["--model", "base", "--compare", "a", "b"]))
+    results = cli.spawn_launches(args, [1, 2])
+    assert [(r["model"], r["procs"]) for r in results] == [
+        ("base", "1"), ("a", "1"), ("b", "1"), ("base", "2"), ("a", "2"), ("b", "2"),
+    ]  # fmt: skip
+    assert all("--compare" not in command for command in commands)
+
+
+def test_json_is_kept_without_matplotlib(monkeypatch, tmp_path, capsys):
+    from hf_moeprune.bench import plot
+    from hf_moeprune.bench.cli import write_outputs
+
+    def missing():
+        raise ModuleNotFoundError("No module named 'matplotlib'", name="matplotlib")
+
+    monkeypatch.setattr(plot, "_pyplot", missing)
+    output = tmp_path / "bench.json"
+    payload = {"results": [_fake_result("m-8e", 8, 1, 0.01), _fake_result("m-4e", 4, 1, 0.006)]}
+    write_outputs(payload, str(output), None)
+    saved = json.loads(output.read_text())
+    assert saved["results"] == payload["results"] and saved["plot"] is None
+    assert "matplotlib is not installed" in capsys.readouterr().err
+    assert not (tmp_path / "bench.png").exists()
+
+
+def test_plots_start_at_zero_and_single_points_are_bars():
+    pytest.importorskip("matplotlib")
+    from hf_moeprune.bench.plot import _draw, _pyplot
+
+    plt = _pyplot()
+    fig, (bars, lines) = plt.subplots(1, 2)
+    _draw(bars, [("8e", [1], [5.0], [1.0]), ("4e", [1], [3.0], [0.5])], "processes")
+    _draw(lines, [("1 process(es)", [4, 8], [3.0, 5.0], [0.5, 1.0])], "experts")
+    assert [round(p.get_height(), 6) for p in bars.patches] == [5.0, 3.0]
+    assert [t.get_text().split("\n")[0] for t in bars.get_xticklabels()] == ["8e", "4e"]
+    assert not lines.patches and lines.get_xlim()[0] == 0
+    assert bars.get_ylim()[0] == 0 and lines.get_ylim()[0] == 0
+    plt.close(fig)
+
+
+def test_benchmark_and_sweep_plots_draw_from_fake_results(tmp_path):
+    pytest.importorskip("matplotlib")
+    from hf_moeprune.bench.plot import plot_benchmark, plot_sweep
+
+    results = [_fake_result("m-8e", 8, 1, 0.01), _fake_result("m-4e", 4, 1, 0.006)]
+    assert os.path.getsize(plot_benchmark(results, str(tmp_path / "b.png"))) > 0
+    assert os.path.getsize(plot_sweep(results, str(tmp_path / "s.png"))) > 0
 
 
 WORKER = textwrap.dedent(

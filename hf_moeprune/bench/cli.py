@@ -1,7 +1,9 @@
 """`python -m hf_moeprune.bench` / `accelerate launch -m hf_moeprune.bench` / `torchrun -m hf_moeprune.bench`.
 
-Inside a launch (torchrun, accelerate launch, mpirun) it measures every model at the launch's number of processes.
-Started plainly with `--processes 1 2`, it runs one torchrun launch per count itself and merges them.
+Started plainly (`--processes 1 2`, default 1), it runs one torchrun launch per process count and model, so every
+model is measured in fresh processes (a peak RSS is never that of an earlier, bigger model), and merges them.
+Inside a launch (torchrun, accelerate launch, mpirun) it measures every model in the launch's own processes.
+The JSON is written before the plot, and the plot is optional (`--no-plot`, or matplotlib not installed).
 """
 
 from __future__ import annotations
@@ -48,12 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_arguments(parser)
     parser.add_argument("--output", default="bench.json", help="JSON file with every measurement.")
     parser.add_argument("--plot", default=None, help="PNG path (default: the output with .png).")
+    parser.add_argument("--no-plot", action="store_true", help="Write the JSON and the table only.")
     parser.add_argument(
         "--processes",
         type=int,
         nargs="+",
         default=None,
-        help="Run one torchrun launch per process count (e.g. 1 2) and merge them; only outside a launch.",
+        help="Process counts (e.g. 1 2; default 1): one torchrun launch per count and model, merged; only "
+        "outside a launch.",
     )
     parser.add_argument(
         "--part", action="store_true", help=argparse.SUPPRESS
@@ -84,73 +88,90 @@ def launched() -> bool:
 
 
 def spawn_launches(args: BenchArgs, processes: list[int], timeout: float | None = None) -> list[dict]:
-    """One `python -m torch.distributed.run --standalone --nproc_per_node N -m hf_moeprune.bench` per N; their
-    results, in order."""
+    """One `python -m torch.distributed.run --standalone --nproc_per_node N -m hf_moeprune.bench` per process
+    count N and model, each measuring that one model in new processes; their results, count by count, models in
+    the order given."""
     results = []
     with tempfile.TemporaryDirectory(prefix="moeprune-bench-") as tmp:
         for count in processes:
-            part = os.path.join(tmp, f"part{count}.json")
-            command = [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                "--nproc_per_node",
-                str(count),
-                "-m",
-                "hf_moeprune.bench",
-                *bench_args_to_argv(args),
-                "--output",
-                part,
-                "--part",
-            ]
-            print(f"[bench] launching {count} process(es): {' '.join(command)}", file=sys.stderr, flush=True)
-            subprocess.run(command, check=True, timeout=timeout)
-            with open(part) as handle:
-                results += json.load(handle)["results"]
+            for index, path in enumerate([args.model, *args.compare]):
+                part = os.path.join(tmp, f"part{count}-{index}.json")
+                alone = dataclasses.replace(args, model=path, compare=[])
+                command = [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--standalone",
+                    "--nproc_per_node",
+                    str(count),
+                    "-m",
+                    "hf_moeprune.bench",
+                    *bench_args_to_argv(alone),
+                    "--output",
+                    part,
+                    "--part",
+                ]
+                print(f"[bench] launching {count} process(es): {' '.join(command)}", file=sys.stderr, flush=True)
+                subprocess.run(command, check=True, timeout=timeout)
+                with open(part) as handle:
+                    results += json.load(handle)["results"]
     return results
 
 
-def write_outputs(payload: dict, output: str, plot: str | None) -> None:
-    from .plot import plot_benchmark
-    from .report import summary_table
-
+def write_json(payload: dict, output: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    plot = plot or os.path.splitext(output)[0] + ".png"
-    payload["plot"] = plot_benchmark(payload["results"], plot)
     with open(output, "w") as handle:
         json.dump(payload, handle, indent=2)
+
+
+def write_outputs(payload: dict, output: str, plot: str | None, draw: bool = True) -> None:
+    """The JSON first (so nothing is lost if plotting fails), the table, then the plot where it can be drawn."""
+    from .plot import optional_plot, plot_benchmark
+    from .report import summary_table
+
+    payload["plot"] = None
+    write_json(payload, output)
     print(summary_table(payload["results"]))
-    print(f"\nwrote {output} and {plot}")
+    if draw:
+        payload["plot"] = optional_plot(plot_benchmark, payload["results"], plot or os.path.splitext(output)[0] + ".png")
+        if payload["plot"]:
+            write_json(payload, output)
+    print(f"\nwrote {output}" + (f" and {payload['plot']}" if payload["plot"] else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
     namespace = build_parser().parse_args(argv)
     args = bench_args_from(namespace)
-    if namespace.processes and not launched():
+    if not namespace.part and not launched():
         import time
 
-        results = spawn_launches(args, namespace.processes)
+        processes = namespace.processes or [1]
+        results = spawn_launches(args, processes)
         payload = {
             "schema_version": 1,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "args": dataclasses.asdict(args),
-            "processes": namespace.processes,
+            "processes": processes,
             "results": results,
         }
-        write_outputs(payload, namespace.output, namespace.plot)
+        write_outputs(payload, namespace.output, namespace.plot, draw=not namespace.no_plot)
         return 0
 
     from .runner import run_launch
-    from .timing import world
+    from .timing import log, world
 
+    if args.compare and not namespace.part:
+        log(
+            "WARNING: inside a launch every model is measured in the same processes, so the peak RSS of a "
+            "model includes the earlier ones; start without a launcher (--processes N) for fresh processes "
+            "per model."
+        )
     payload = run_launch(args)
     if world()[0] == 0:
         if namespace.part:
-            with open(namespace.output, "w") as handle:
-                json.dump(payload, handle, indent=2)
+            write_json(payload, namespace.output)
         else:
-            write_outputs(payload, namespace.output, namespace.plot)
+            write_outputs(payload, namespace.output, namespace.plot, draw=not namespace.no_plot)
     import torch.distributed as dist
 
     if dist.is_initialized():

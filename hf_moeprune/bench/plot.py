@@ -1,8 +1,16 @@
-"""PNG plots of a benchmark (latency against experts and processes) and of a sweep (latency, memory, quality)."""
+"""PNG plots of a benchmark (latency against experts and processes) and of a sweep (latency, memory, quality).
+
+Axes start at zero so that sizes compare by eye; a panel whose series have one point each is drawn as bars
+(one bar per series), since a line through one point shows nothing.
+"""
 
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
+from collections.abc import Callable
+
+BENCH_INSTALL = "pip install 'hf_moeprune[bench]' (matplotlib)"
 
 
 def _pyplot():
@@ -14,10 +22,48 @@ def _pyplot():
     return plt
 
 
-def _errorbar(ax, xs, stats, label, marker="o"):
-    medians = [s["median"] * 1e3 for s in stats]
-    upper = [(s["p90"] - s["median"]) * 1e3 for s in stats]
-    ax.errorbar(xs, medians, yerr=[[0] * len(upper), upper], marker=marker, capsize=3, label=label)
+def optional_plot(plot: Callable[..., str], *args) -> str | None:
+    """`plot(*args)`, or None with a note on stderr when matplotlib is not installed (results are kept)."""
+    try:
+        return plot(*args)
+    except ModuleNotFoundError as error:
+        if error.name != "matplotlib" and not str(error.name).startswith("matplotlib."):
+            raise
+        print(f"[bench] no plot: matplotlib is not installed ({BENCH_INSTALL}).", file=sys.stderr, flush=True)
+        return None
+
+
+def _draw(ax, series: list[tuple[str, list[float], list[float], list[float]]], xlabel: str) -> None:
+    """`series` of (label, xs, ys, upper error bars): lines with markers, or bars when each has one point."""
+    series = [s for s in series if s[1]]
+    if series and all(len(xs) == 1 for _, xs, _, _ in series):
+        positions = range(len(series))
+        ax.bar(
+            positions,
+            [ys[0] for _, _, ys, _ in series],
+            yerr=[[0] * len(series), [up[0] for _, _, _, up in series]],
+            capsize=3,
+            color=[f"C{i}" for i in positions],
+        )
+        ax.set_xticks(list(positions), [f"{label}\n{xlabel} {xs[0]:g}" for label, xs, _, _ in series], fontsize=8)
+    else:
+        for label, xs, ys, upper in series:
+            ax.errorbar(xs, ys, yerr=[[0] * len(upper), upper], marker="o", capsize=3, label=label)
+        ax.set_xlabel(xlabel)
+        ax.set_xlim(left=0)
+        if series:
+            ax.legend()
+    ax.set_ylim(bottom=0)
+
+
+def _latency_series(label: str, rows: list[dict], x_key: str, key: str):
+    rows = sorted((r for r in rows if r[key]), key=lambda r: r[x_key])
+    return (
+        label,
+        [r[x_key] for r in rows],
+        [r[key]["median"] * 1e3 for r in rows],
+        [(r[key]["p90"] - r[key]["median"]) * 1e3 for r in rows],
+    )
 
 
 def plot_benchmark(results: list[dict], path: str) -> str:
@@ -34,27 +80,23 @@ def plot_benchmark(results: list[dict], path: str) -> str:
         (1, "decode_time_per_token_s", "decode time per token"),
     ):
         ax = axes[0][column]
-        for procs, rows in sorted(by_procs.items()):
-            rows = sorted((r for r in rows if r[key]), key=lambda r: r["mean_experts"])
-            _errorbar(ax, [r["mean_experts"] for r in rows], [r[key] for r in rows], f"{procs} process(es)")
-        ax.set_xlabel("experts per MoE layer (mean)")
+        series = [
+            _latency_series(f"{procs} process(es)", rows, "mean_experts", key)
+            for procs, rows in sorted(by_procs.items())
+        ]
+        _draw(ax, series, "experts per MoE layer (mean)")
         ax.set_ylabel("ms")
         ax.set_title(f"{title} vs experts")
-        ax.legend()
         ax = axes[1][column]
-        for (label, experts), rows in sorted(by_model.items(), key=lambda item: -item[0][1]):
-            rows = sorted((r for r in rows if r[key]), key=lambda r: r["num_processes"])
-            _errorbar(
-                ax,
-                [r["num_processes"] for r in rows],
-                [r[key] for r in rows],
-                f"{label} ({experts:g} experts)",
-            )
-        ax.set_xlabel("processes")
+        series = [
+            _latency_series(f"{label} ({experts:g} experts)", rows, "num_processes", key)
+            for (label, experts), rows in sorted(by_model.items(), key=lambda item: -item[0][1])
+        ]
+        _draw(ax, series, "processes")
+        if len(by_procs) > 1:
+            ax.set_xticks(sorted(by_procs))
         ax.set_ylabel("ms")
         ax.set_title(f"{title} vs processes")
-        ax.set_xticks(sorted(by_procs))
-        ax.legend()
     first = results[0]
     fig.suptitle(
         f"batch {first['batch_size']} x {first['seq_len']} tokens, {first['decode_tokens']} decode steps, "
@@ -79,18 +121,27 @@ def plot_sweep(points: list[dict], path: str, quality_key: str = "perplexity") -
         (lambda p: p["decode_time_per_token_s"]["median"] * 1e3, "decode ms / token"),
         (lambda p: p["memory"]["max_expert_param_bytes"] / 2**20, "expert MiB per process"),
     )
+    xlabel = f"{quality_key} (lower is better)" if quality_key == "perplexity" else quality_key
+    # the line runs along the pruning: most experts first
+    ordered = {procs: sorted(rows, key=lambda p: -p["mean_experts"]) for procs, rows in sorted(by_procs.items())}
     for ax, (value, ylabel) in zip(axes, panels, strict=True):
-        for procs, rows in sorted(by_procs.items()):
-            rows = sorted(rows, key=lambda p: -p["mean_experts"])  # the line runs along the pruning
-            xs, ys = [p[quality_key] for p in rows], [value(p) for p in rows]
-            ax.plot(xs, ys, marker="o", label=f"{procs} process(es)")
-            for x, y, p in zip(xs, ys, rows, strict=True):
-                ax.annotate(
-                    f"{p['mean_experts']:g}e", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8
-                )
-        ax.set_xlabel(f"{quality_key} (lower is better)" if quality_key == "perplexity" else quality_key)
+        series = [
+            (f"{procs} process(es)", [p[quality_key] for p in rows], [value(p) for p in rows], [0.0] * len(rows))
+            for procs, rows in ordered.items()
+        ]
+        _draw(ax, series, quality_key)
+        if any(len(rows) > 1 for rows in ordered.values()):
+            ax.set_xlabel(xlabel)
+            for rows in ordered.values():
+                for p in rows:
+                    ax.annotate(
+                        f"{p['mean_experts']:g}e",
+                        (p[quality_key], value(p)),
+                        textcoords="offset points",
+                        xytext=(4, 4),
+                        fontsize=8,
+                    )
         ax.set_ylabel(ylabel)
-        ax.legend()
     fig.suptitle("expert-count sweep: cost against quality")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -6,7 +6,7 @@
 
 For each count N it writes `sweep/experts-N/` with `AutoMoEPruneModelForCausalLM(...).prune_experts(
 MoEPruneConfig(method=..., experts_per_layer=N))` (kept if already there), computes held-out perplexity, then runs
-the benchmark (one torchrun launch per process count) over the base and every reduced checkpoint. Output:
+the benchmark (one torchrun launch per process count and model) over the base and every reduced checkpoint. Output:
 `sweep.json` (every benchmark field plus `perplexity` per point), `sweep.png` (latency and expert memory against
 perplexity), `bench.png` (latency against experts and processes) and the summary table.
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -24,8 +23,8 @@ import time
 import torch
 
 from ..calibration import read_text_file
-from .cli import add_bench_arguments, bench_args_from, spawn_launches
-from .plot import plot_benchmark, plot_sweep
+from .cli import add_bench_arguments, bench_args_from, spawn_launches, write_json
+from .plot import optional_plot, plot_benchmark, plot_sweep
 from .report import summary_table
 
 
@@ -160,14 +159,16 @@ def main(argv: list[str] | None = None) -> int:
         "processes": namespace.processes,
         "results": results,
     }
-    payload["plot"] = plot_benchmark(results, os.path.join(namespace.output_dir, "bench.png"))
-    payload["sweep_plot"] = plot_sweep(results, os.path.join(namespace.output_dir, "sweep.png"))
     output = os.path.join(namespace.output_dir, "sweep.json")
-    with open(output, "w") as handle:
-        json.dump(payload, handle, indent=2)
+    payload["plot"] = payload["sweep_plot"] = None
+    write_json(payload, output)  # before any plotting, so a missing matplotlib loses nothing
     print(summary_table(results))
     print("\nperplexity: " + ", ".join(f"{os.path.basename(k)} {v:.3f}" for k, v in quality.items()))
-    print(f"wrote {output}, {payload['plot']} and {payload['sweep_plot']}")
+    payload["plot"] = optional_plot(plot_benchmark, results, os.path.join(namespace.output_dir, "bench.png"))
+    if payload["plot"]:
+        payload["sweep_plot"] = optional_plot(plot_sweep, results, os.path.join(namespace.output_dir, "sweep.png"))
+        write_json(payload, output)
+    print(f"wrote {output}" + "".join(f", {payload[k]}" for k in ("plot", "sweep_plot") if payload[k]))
     return 0
 
 

@@ -15,7 +15,7 @@ Phase 1 (expert pruning, O(1) forward passes; none for the router-weight distanc
      Taylor argument, removing similar experts and keeping the central one perturbs the layer output least.
      Option: average the members of small clusters instead.
 Phase 2 (`weight_sparsity` or `nm_pattern` set): Wanda or OWL inside the surviving experts (and optionally
-attention / dense MLPs), inputs collected layer by layer on the reduced model (`after_surgery`).
+attention / dense MLPs), inputs collected layer by layer on the reduced model (`second_phase`).
 
 Options (`MoEPruneConfig.method_options`):
     distance: `"router"` (default, data-free), `"coactivation"` or `"mix"`.

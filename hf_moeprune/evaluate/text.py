@@ -1,0 +1,50 @@
+"""The user's own text for perplexity (`hf-moeprune eval --data FILE`), read by `datasets` from local files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+READERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+TEXT_COLUMN = "text"
+
+
+def check_text_source(data: str | Path) -> Path:
+    """The path of `data`, or a one-line error naming what is wrong, before any model is loaded."""
+    path = Path(data)
+    if path.is_dir():
+        if not (path / "dataset_info.json").is_file() and not (path / "state.json").is_file():
+            raise ValueError(f"--data {path}: a folder must be a dataset saved with `save_to_disk`.")
+        return path
+    if not path.is_file():
+        raise FileNotFoundError(f"--data {path}: no such file.")
+    suffix = path.suffix.lower() if path.suffix.lower() != ".gz" else Path(path.stem).suffix.lower()
+    if suffix not in READERS:
+        raise ValueError(f"--data {path}: unknown format; give one of {', '.join(READERS)} or a save_to_disk folder.")
+    return path
+
+
+def load_text(data: str | Path):
+    """The documents of `data` as a `datasets.Dataset` with a "text" column (and any others it has).
+
+    A `.txt` file gives one document per paragraph (blank-line separated); `.jsonl`, `.json`, `.csv` and
+    `.parquet` need a "text" column (a "domain" or "topic" column splits the perplexity by its values); a
+    folder is a dataset written by `save_to_disk`.
+    """
+    import datasets
+
+    path = check_text_source(data)
+    if path.is_dir():
+        table = datasets.load_from_disk(str(path))
+        if isinstance(table, datasets.DatasetDict):
+            table = table[next(iter(table))]
+    else:
+        suffix = path.suffix.lower() if path.suffix.lower() != ".gz" else Path(path.stem).suffix.lower()
+        reader = READERS[suffix]
+        options = {"sample_by": "paragraph"} if reader == "text" else {}
+        table = datasets.load_dataset(reader, data_files=str(path), split="train", **options)
+    if TEXT_COLUMN not in table.column_names:
+        raise ValueError(f"--data {path}: no {TEXT_COLUMN!r} column (columns: {', '.join(table.column_names)}).")
+    table = table.filter(lambda row: bool(row[TEXT_COLUMN] and row[TEXT_COLUMN].strip()))
+    if len(table) == 0:
+        raise ValueError(f"--data {path}: no non-empty text.")
+    return table
