@@ -23,7 +23,7 @@ def initial_record(model_name: str, family: str, layers: Sequence[MoELayer], mod
     params, nbytes = count_parameters(model)
     return {
         "library_version": __version__,
-        "base_model": model_name,
+        "base_model": hub_id_or_none(model_name),
         "family": family,
         "uniform": True,
         "steps": [],
@@ -40,6 +40,22 @@ def initial_record(model_name: str, family: str, layers: Sequence[MoELayer], mod
         "parameters": {"before": params, "after": params},
         "bytes": {"before": nbytes, "after": nbytes},
     }
+
+
+def hub_id_or_none(name: str | None) -> str | None:
+    """`name` when it names a Hub model (`org/name`), None for a local folder: a card must not publish a
+    machine's path as the base model (the CLI's `--base-model` names the Hub id such a folder came from)."""
+    from pathlib import Path
+
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not name or Path(name).expanduser().exists():
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
 
 
 def compose_layer(entry: dict[str, Any], plan: LayerPlan, top_k: int) -> dict[str, Any]:

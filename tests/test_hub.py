@@ -56,7 +56,7 @@ def test_card_records_the_checkpoint(tmp_path: Path, merged: bool, uniform: bool
     assert not validate_card_metadata(text)
     assert "| Parameters | 120.00K (120,000) | 80.00K (80,000) | -33.3% |" in text
     assert "| `model.layers.1.mlp` | 4 | 2 | 2 |" in text
-    assert ("0←0×0.6 + 1×0.4" in text) == merged and ("kept 0, 3" in text) == (not merged)
+    assert ("0←0 (60%) + 1 (40%)" in text) == merged and ("kept 0, 3" in text) == (not merged)
     assert "64 sequences" in text and "16384 tokens" in text
     assert (
         "tokens_per_second: 1,234.5" in text and "| pruned | 910.2 |" in text

@@ -86,3 +86,14 @@ def test_bad_recipes_are_one_line_errors(workspace, capsys, content, message):
     err = capsys.readouterr().err.strip()
     assert err.startswith("hf-moeprune: error:") and message in err and len(err.splitlines()) == 1
     assert not (workspace / "out").exists()
+
+
+def test_card_never_publishes_a_local_path_and_names_the_given_base_model(workspace):
+    command = ["prune", "--model", str(workspace / "base"), "--method", "stun", "--expert-sparsity", "0.25"]
+    assert main([*command, "--output", "plain", "--no-progress"]) == 0
+    assert str(workspace) not in (workspace / "plain/README.md").read_text()
+    assert json.loads((workspace / "plain/config.json").read_text())["moeprune"]["base_model"] is None
+    assert main([*command, "--output", "named", "--base-model", "me/tiny-base", "--no-progress"]) == 0
+    card = (workspace / "named/README.md").read_text()
+    assert "base_model: me/tiny-base" in card and "experts pruned by" in card
+    assert main([*command, "--output", "bad", "--base-model", "/abs/path"]) == 2

@@ -78,6 +78,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="Replace --output if it holds an earlier hf_moeprune checkpoint (never other data).")
     parser.add_argument("--no-progress", action="store_true", help="No progress bars.")
+    parser.add_argument("--base-model", metavar="HUB_ID",
+                        help="The Hub id the input checkpoint came from, named as base_model in the card "
+                        "(default: the input when it is a Hub id; a local folder's path is never published).")
 
 
 def recipe_from_args(args: argparse.Namespace):
@@ -241,6 +244,13 @@ def execute(args: argparse.Namespace, configs: list) -> int:
     options = dict(seq_len=args.seq_len, batch_size=args.batch_size, max_sequences=args.max_sequences,
                    num_samples=args.num_samples, chat_template=args.chat_template, description=description)
     recipe = recipe_of(args, configs)
+    if args.base_model:
+        from huggingface_hub.utils import validate_repo_id
+
+        try:
+            validate_repo_id(args.base_model)
+        except ValueError as error:
+            raise ValueError(f"--base-model {args.base_model!r} is not a Hub model id (org/name).") from error
     if streaming:
         folder = _stream_steps(model_path, args, configs, rows, device, recipe, options)
         record = json.loads((folder / "config.json").read_text())["moeprune"]
@@ -251,6 +261,8 @@ def execute(args: argparse.Namespace, configs: list) -> int:
             step = model.merge_experts if method.kind == "merge" else model.prune_experts
             _with_cli_names(step, config, calibration=rows, device=onload, **options)
         model.record["recipe"] = recipe
+        if args.base_model:
+            model.record["base_model"] = args.base_model
         folder = model.save_pretrained(args.output, overwrite=args.overwrite)
         record = model.record
     if getattr(args, "save_recipe", None):
@@ -288,7 +300,7 @@ def _stream_steps(model_path, args, configs, rows, device, recipe, options) -> P
         folder = _with_cli_names(
             reduce_checkpoint, source, target, config, calibration=rows, device=device, dtype=args.dtype,
             trust_remote_code=args.trust_remote_code, overwrite=args.overwrite or not last, resume=args.resume,
-            recipe=recipe if last else None, **options,
+            recipe=recipe if last else None, base_model=args.base_model if last else None, **options,
         )
         source = folder
     shutil.rmtree(steps_dir, ignore_errors=True)

@@ -201,6 +201,11 @@ def _fmt_number(value: Any) -> str:
     return f"{value:.4g}" if abs(value) < 1e3 else f"{value:,.1f}"
 
 
+def _share(weight: float) -> str:
+    """A merge weight as a share of the merged expert: `40%`, `<1%` for a member that barely counted."""
+    return "<1%" if 0 < weight < 0.005 else f"{weight:.0%}"
+
+
 def _md_cell(value: Any) -> str:
     return _fmt_number(value).replace("|", "\\|").replace("\n", " ")
 
@@ -222,7 +227,7 @@ def _layer_rows(layers: dict[str, Any]) -> tuple[list[dict[str, str]], bool]:
             for new_index, group in enumerate(groups):
                 w = weights[new_index] if new_index < len(weights) else None
                 if len(group) > 1 and w:
-                    members = " + ".join(f"{g}×{_fmt_number(x)}" for g, x in zip(group, w, strict=False))
+                    members = " + ".join(f"{g} ({_share(x)})" for g, x in zip(group, w, strict=False))
                 else:
                     members = " + ".join(str(g) for g in group)
                 parts.append(f"{new_index}←{members}")
@@ -274,6 +279,19 @@ def _final_folder_name(folder: Path) -> str:
     name = folder.resolve().name
     match = re.fullmatch(r"\.(.+)\.(?:tmp|moeprune-staging)-[^.]+", name)
     return match.group(1) if match else name
+
+
+def _published_recipe(recipe: dict[str, Any] | None, hub_id: str | None) -> str | None:
+    """The run's recipe as the card shows it: the base model's Hub id where known, and never an absolute
+    local path (a local folder is named by its folder name)."""
+    if not recipe:
+        return None
+    model = recipe.get("model")
+    if hub_id:
+        model = hub_id
+    elif model and Path(model).is_absolute():
+        model = Path(model).name
+    return yaml.safe_dump({**recipe, "model": model}, sort_keys=False).rstrip()
 
 
 def _method_kind(name: str) -> str:
@@ -414,6 +432,8 @@ def build_model_card(
                 "paper_title": info.paper_title,
                 "recipe_yaml": _recipe_yaml(step.get("config") or {"method": method}),
                 "call": "merge_experts" if _method_kind(method) == "merge" else "prune_experts",
+                "verb": {"merge": "experts merged", "prune": "experts pruned"}.get(
+                    _method_kind(method), "weights pruned"),
                 "calibration": calibration if isinstance(calibration, dict) else None,
             }
         )
@@ -460,7 +480,7 @@ def build_model_card(
         library_version=entry.get("library_version", __version__),
         steps=step_views,
         run_recipe_marker=RUN_RECIPE_MARKER,
-        run_recipe_yaml=yaml.safe_dump(entry["recipe"], sort_keys=False).rstrip() if entry.get("recipe") else None,
+        run_recipe_yaml=_published_recipe(entry.get("recipe"), base_model if base_is_hub_id else None),
         unstructured_infos=unstructured_infos,
         layer_rows=layer_rows,
         any_merge=any_merge,

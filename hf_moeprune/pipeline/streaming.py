@@ -102,6 +102,7 @@ def reduce_checkpoint(
     resume: bool = False,
     progress: bool = True,
     recipe: dict[str, Any] | None = None,
+    base_model: str | None = None,
     hub_kwargs: dict[str, Any] | None = None,
     **calibration_options: Any,
 ) -> Path:
@@ -117,6 +118,7 @@ def reduce_checkpoint(
         dtype: Compute and output dtype; default the checkpoint's.
         resume: Continue an interrupted run of the same recipe after its last finished layer.
         recipe: The recipe file content of the whole run (CLI), kept in the record for the card.
+        base_model: The Hub id the input came from, for the card (default: `model` when it is a Hub id).
         **calibration_options: `seq_len`, `batch_size`, `max_sequences`, `description`.
     """
     from transformers import AutoConfig, AutoTokenizer
@@ -184,6 +186,10 @@ def reduce_checkpoint(
         wrapper.record_step(config, report, data.record() if data is not None else None)
         if recipe is not None:
             wrapper.record["recipe"] = recipe
+        if base_model is not None:
+            wrapper.record["base_model"] = base_model
+        elif not Path(model).expanduser().exists():
+            wrapper.record["base_model"] = wrapper.record["base_model"] or str(model)  # a Hub id, downloaded
         saved = save_checkpoint(
             meta, layers, wrapper.record, output, tokenizer=tokenizer, task=family.task,
             extra_files=lambda staging: _write_card(staging, output.name), overwrite=overwrite, source=folder,
