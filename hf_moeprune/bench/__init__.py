@@ -1,16 +1,27 @@
 """Speed and memory benchmarks of original vs reduced MoE checkpoints, expert-parallel across processes.
 
-Entry points: `python -m hf_moeprune.bench` (see `examples/bench.md`) and `python -m hf_moeprune.bench.sweep`.
+Entry points: `hf-moeprune bench`, `python -m hf_moeprune.bench` (see `examples/bench.md`) and
+`python -m hf_moeprune.bench.sweep`. The public names load lazily so the CLI's help does not import torch.
 """
 
-from .expert_parallel import NativeAllToAllEP, apply_native_expert_parallel, load_for_benchmark, shard_sizes
-from .runner import BenchArgs, run_launch
+from __future__ import annotations
 
-__all__ = [
-    "BenchArgs",
-    "NativeAllToAllEP",
-    "apply_native_expert_parallel",
-    "load_for_benchmark",
-    "run_launch",
-    "shard_sizes",
-]
+import importlib
+from typing import Any
+
+_LAZY = {
+    "BenchArgs": "args",
+    "NativeAllToAllEP": "expert_parallel",
+    "apply_native_expert_parallel": "expert_parallel",
+    "load_for_benchmark": "expert_parallel",
+    "shard_sizes": "expert_parallel",
+    "run_launch": "runner",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)

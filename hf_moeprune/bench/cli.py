@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 
-from .runner import BenchArgs
+from .args import BenchArgs
 
 LAUNCH_ENV = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 
@@ -41,12 +41,20 @@ def add_bench_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] =
             parser.add_argument(flag, type=kind, default=f.default, help=help_text)
 
 
+DESCRIPTION = (
+    "Latency, throughput, memory and communication share of MoE checkpoints, expert-parallel across the processes "
+    "of a launch."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m hf_moeprune.bench",
-        description="Latency, throughput, memory and communication share of MoE checkpoints, expert-parallel "
-        "across the processes of a launch.",
-    )
+    parser = argparse.ArgumentParser(prog="python -m hf_moeprune.bench", description=DESCRIPTION)
+    add_arguments(parser)
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every option of the benchmark (also `hf-moeprune bench`)."""
     add_bench_arguments(parser)
     parser.add_argument("--output", default="bench.json", help="JSON file with every measurement.")
     parser.add_argument("--plot", default=None, help="PNG path (default: the output with .png).")
@@ -62,7 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--part", action="store_true", help=argparse.SUPPRESS
     )  # child of --processes: JSON only
-    return parser
 
 
 def bench_args_from(namespace: argparse.Namespace) -> BenchArgs:
@@ -140,7 +147,11 @@ def write_outputs(payload: dict, output: str, plot: str | None, draw: bool = Tru
 
 
 def main(argv: list[str] | None = None) -> int:
-    namespace = build_parser().parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(namespace: argparse.Namespace) -> int:
+    """Measure what `namespace` asks for (parsed by `add_arguments`)."""
     args = bench_args_from(namespace)
     if not namespace.part and not launched():
         import time
