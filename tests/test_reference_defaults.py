@@ -7,6 +7,8 @@ structure and on the shipped testbeds.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -196,3 +198,128 @@ def test_stun_matches_the_reference_on_the_32_expert_testbed(total):
         pytest.skip("the reference's step search does not reach this total")
     wrapped.prune_experts(MoEPruneConfig(method="stun", num_experts_total=total))
     assert _stun_clusters(wrapped) == [reference_select_expert_pairs(g, 30, threshold) for g in gates]
+
+
+# ---------------------------------------------------------------------------------------------- REAP / NAEE
+
+
+def _testbed_ids(wrapped, sequences: int = 8, length: int = 64) -> torch.Tensor:
+    """Calibration token ids from the testbed's own calibration documents."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(testbed.testbed_path(wrapped.model.config._name_or_path.split("/")[-1]))
+    texts = [d.text for d in testbed.calibration_documents()[:sequences]]
+    return torch.stack([torch.tensor(tokenizer(t)["input_ids"][:length]) for t in texts])
+
+
+@torch.no_grad()
+def _block_traffic(wrapped, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(input, output) of every MoE block over one forward of the unpruned model: `[T, H]` each."""
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    hooks = [layer.block.register_forward_hook(
+        lambda m, a, out: seen.append((a[0].reshape(-1, a[0].shape[-1]),
+                                       (out[0] if isinstance(out, tuple) else out).reshape(-1, a[0].shape[-1]))))
+        for layer in wrapped.moe_layers()]
+    wrapped.model(ids)
+    for hook in hooks:
+        hook.remove()
+    return seen
+
+
+def _expert_outputs(layer, hidden: torch.Tensor) -> torch.Tensor:
+    """`[E, T, H]`: every expert applied to every token (the model's own expert computation)."""
+    ones = torch.ones(hidden.shape[0], 1)
+    return torch.stack([
+        layer.experts(hidden, torch.full((hidden.shape[0], 1), e, dtype=torch.long), ones)
+        for e in range(layer.num_experts)
+    ])
+
+
+@torch.no_grad()
+def reference_reap_pruned(wrapped, ids: torch.Tensor, compression_ratio: float) -> list[tuple[set[int], set[int]]]:
+    """CerebrasResearch/reap: `update_pruning_state` (pruning_metrics.py l.172-198) with renormalisation only
+    under norm_topk_prob (main.py l.120-124; Mixtral has none), then `prune` (prune.py l.101-103) of
+    int(E * ratio) experts per layer (l.261). Returns per layer the kept experts and the experts tied at the
+    cut (torch.topk orders ties arbitrarily, so either may be kept)."""
+    kept = []
+    for layer, (hidden, _) in zip(wrapped.moe_layers(), _block_traffic(wrapped, ids), strict=True):
+        logits = hidden.float() @ layer.router_tensors()["weight"].float().T
+        selected = torch.topk(logits, layer.top_k, dim=-1).indices
+        weights = F.softmax(logits, dim=1, dtype=torch.float)
+        activations = _expert_outputs(layer, hidden)
+        reap = torch.zeros(layer.num_experts)
+        for i in range(layer.num_experts):
+            active = (selected == i).any(dim=-1)
+            if active.any():
+                reap[i] = (torch.linalg.norm(activations[i, active], dim=-1) * weights[active, i]).mean()
+        n = layer.num_experts
+        cut, dropped = torch.topk(reap, int(n * compression_ratio), largest=False)
+        tied = set(torch.nonzero(reap == cut.max()).flatten().tolist()) if len(cut) else set()
+        kept.append((set(range(n)) - set(dropped.tolist()), tied))
+    return kept
+
+
+def _kept_sets(wrapped) -> list[set[int]]:
+    return [{g[0] for g in entry["groups"]} for entry in wrapped.record["layers"].values()]
+
+
+@pytest.mark.parametrize(("name", "ratio"), [("mixtral-8e", 0.5), ("mixtral-32e", 0.5), ("mixtral-32e", 0.25)])
+def test_reap_matches_the_reference_on_the_testbeds(name, ratio):
+    wrapped = _testbed(name)
+    ids = _testbed_ids(wrapped)
+    expected = reference_reap_pruned(wrapped, ids, ratio)
+    wrapped.prune_experts(MoEPruneConfig(method="reap", expert_sparsity=ratio), calibration=ids)
+    for kept, (reference, tied) in zip(_kept_sets(wrapped), expected, strict=True):
+        assert len(kept) == len(reference) and kept - tied == reference - tied
+
+
+def test_reap_rounds_the_pruned_count_down_like_the_reference():
+    wrapped = AutoMoEPruneModelForCausalLM.from_model(build_tiny_model("mixtral"))  # 6 experts
+    expected = reference_reap_pruned(wrapped, CALIB, 0.4)  # int(2.4) = 2 pruned, round would also say 2
+    wrapped.prune_experts(MoEPruneConfig(method="reap", expert_sparsity=0.45), calibration=CALIB)
+    assert [len(k) for k in _kept_sets(wrapped)] == [6 - int(6 * 0.45)] * 2
+    assert _kept_sets(wrapped) == [kept for kept, _ in expected]
+
+
+@torch.no_grad()
+def reference_naee_kept(wrapped, ids: torch.Tensor, r: int) -> list[set[int]]:
+    """Lucky-Lance/Expert_Sparsity `layerwise_pruning` (method/expert_pruning.py l.15-56): X and Z cached from
+    one pass of the original model; per layer every dropped set is scored by the wrapper's forward with the
+    dropped router logits at -inf (model/wrapper.py l.38-99, `enumerate` l.101-126, one cached batch)."""
+    kept = []
+    for layer, (hidden, output) in zip(wrapped.moe_layers(), _block_traffic(wrapped, ids), strict=True):
+        n, k = layer.num_experts, layer.top_k
+        logits = hidden @ layer.router_tensors()["weight"].T
+        losses = {}
+        for dropped in itertools.combinations(range(n), n - r):
+            masked = logits.clone()
+            masked[:, list(dropped)] = -float("inf")
+            weights, selected = torch.topk(F.softmax(masked, dim=1, dtype=torch.float), k, dim=-1)
+            weights /= weights.sum(dim=-1, keepdim=True)
+            out = layer.experts(hidden, selected, weights.to(hidden.dtype))
+            losses[dropped] = torch.norm(output.double() - out.double()).item()
+        best = min(losses, key=losses.get)
+        kept.append(set(range(n)) - set(best))
+    return kept
+
+
+@pytest.mark.parametrize("keep", [6])
+def test_naee_matches_the_reference_on_the_8_expert_testbed(keep):
+    wrapped = _testbed("mixtral-8e")
+    ids = _testbed_ids(wrapped, sequences=4, length=48)
+    expected = reference_naee_kept(wrapped, ids, keep)
+    wrapped.prune_experts(MoEPruneConfig(method="naee", experts_per_layer=keep), calibration=ids, batch_size=len(ids))
+    assert _kept_sets(wrapped) == expected
+
+
+def test_naee_matches_the_reference_on_planted_layers():
+    """Experts 1 and 3 nearly silent (dropping them reroutes their tokens to loud experts, so both keep them)."""
+    wrapped = AutoMoEPruneModelForCausalLM.from_model(build_tiny_model("mixtral", seed=4))
+    with torch.no_grad():
+        for layer in wrapped.moe_layers():
+            for e in (1, 3):
+                layer.expert_tensors()["down_proj"][e] *= 1e-2
+    expected = reference_naee_kept(wrapped, CALIB, 4)
+    wrapped.prune_experts(MoEPruneConfig(method="naee", experts_per_layer=4), calibration=CALIB, batch_size=len(CALIB))
+    assert _kept_sets(wrapped) == expected
+    assert all({1, 3} <= kept for kept in expected)
