@@ -323,3 +323,58 @@ def test_naee_matches_the_reference_on_planted_layers():
     wrapped.prune_experts(MoEPruneConfig(method="naee", experts_per_layer=4), calibration=CALIB, batch_size=len(CALIB))
     assert _kept_sets(wrapped) == expected
     assert all({1, 3} <= kept for kept in expected)
+
+
+# ----------------------------------------------------------------------------------------------- OWL
+
+
+def reference_owl_sparsities(outlier_ratios: list[float], sparsity: float, lamda: float = 0.08) -> list[float]:
+    """luuyin/OWL `prune_wanda_outlier` (STUN's copy `OWL/lib/prune_all.py` l.926-938): ratios mapped onto
+    [0, 2 lamda], centred, and 1 - (that + 1 - sparsity) is each layer's sparsity."""
+    ratios = torch.tensor(outlier_ratios, dtype=torch.float64)
+    ratios = (ratios - ratios.min()) * (1 / (ratios.max() - ratios.min()) * lamda * 2)
+    density = ratios - ratios.mean() + (1 - sparsity)
+    return (1 - density).tolist()
+
+
+@torch.no_grad()
+def reference_outlier_ratio(scores: list[torch.Tensor], m: float = 3.0) -> float:
+    """`check_outlier_mean` over the concatenated Wanda scores of a layer (prune_all.py l.133-150), as a share."""
+    flat = torch.cat([s.flatten() for s in scores])
+    return float((flat > flat.mean() * m).sum()) / flat.numel()
+
+
+def test_owl_layer_sparsities_follow_the_reference_rule():
+    wrapped = AutoMoEPruneModelForCausalLM.from_model(build_tiny_model("mixtral", num_hidden_layers=3))
+    with torch.no_grad():  # one layer with strong outlier columns, so the ratios differ
+        wrapped.moe_layers()[1].expert_tensors()["down_proj"][:, :, :4] *= 20
+    wrapped.prune_experts(MoEPruneConfig(method="owl", weight_sparsity=0.5), calibration=CALIB)
+    details = _details(wrapped)
+    ratios = list(details["outlier_ratios"].values())
+    assert len(set(ratios)) > 1
+    expected = reference_owl_sparsities(ratios, 0.5)
+    assert list(details["layer_sparsity"].values()) == pytest.approx(expected, abs=1e-4)
+    assert sum(expected) / len(expected) == pytest.approx(0.5)
+
+
+def test_owl_outlier_ratio_uses_the_reference_default_m():
+    """Single-expert-layer check of M = 3: the recorded share equals check_outlier_mean on the same scores."""
+    from hf_moeprune.calibration.statistics import collect_statistics
+    from hf_moeprune.methods.unstructured import wanda_scores
+
+    model = build_tiny_model("mixtral", num_hidden_layers=1)
+    wrapped = AutoMoEPruneModelForCausalLM.from_model(model)
+    layer = wrapped.moe_layers()[0]
+    stats = collect_statistics(model, [layer], [CALIB], progress=False)[layer.path]
+    scores = []
+    for spec in layer.expert_tensor_specs():
+        if spec.in_axis is None:
+            continue
+        sq = stats.input_sq if spec.input_kind == "hidden" else stats.intermediate_sq
+        weight = layer.expert_tensors()[spec.name]
+        for e in range(layer.num_experts):
+            norm = sq[e, : weight[e].shape[spec.in_axis]].clamp(min=0).sqrt()
+            scores.append(wanda_scores(weight[e], norm, spec.in_axis))
+    expected = reference_outlier_ratio(scores)
+    wrapped.prune_experts(MoEPruneConfig(method="owl", weight_sparsity=0.5), calibration=CALIB)
+    assert list(_details(wrapped)["outlier_ratios"].values()) == pytest.approx([expected], abs=1e-6)
