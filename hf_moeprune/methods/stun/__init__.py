@@ -100,23 +100,23 @@ def greedy_clusters(distance: torch.Tensor, threshold: float, max_merges: int) -
     from C(v2) to v1 is below `threshold` (those entries are then blanked); otherwise only that pair is
     blanked. Stops when no distance is below the threshold or after `max_merges` merges.
     """
-    values = distance.detach().float().clone()
+    values = distance.detach().float().cpu().numpy().copy()  # numpy: the loop touches single entries
     n = values.shape[0]
-    values.fill_diagonal_(float("inf"))
+    np.fill_diagonal(values, np.inf)
     cluster_of = [frozenset([e]) for e in range(n)]
     clusters = n
     while clusters > n - max_merges and float(values.min()) < threshold:
-        v1, v2 = divmod(int(torch.argmin(values)), n)  # first minimum in row-major order, as torch's argmin
+        v1, v2 = divmod(int(np.argmin(values)), n)  # first minimum in row-major order, as torch's argmin
         a, b = cluster_of[v1], cluster_of[v2]
         checked = [(c, v2) for c in a] + [(c, v1) for c in b]
-        if all(float(values[i, j]) < threshold for i, j in checked):
+        if all(values[i, j] < threshold for i, j in checked):
             for i, j in checked:
-                values[i, j] = float("inf")
+                values[i, j] = np.inf
             for e in a | b:
                 cluster_of[e] = a | b
             clusters -= 1
         else:
-            values[v1, v2] = values[v2, v1] = float("inf")
+            values[v1, v2] = values[v2, v1] = np.inf
     return sorted((sorted(c) for c in set(cluster_of)), key=lambda m: m[0])
 
 
@@ -191,7 +191,8 @@ def global_threshold_counts(
     def total(t: float) -> int:
         return sum(dendrograms[p].count_at(t, floors[p]) for p in paths)
 
-    lo = -1.0
+    # below every merge height (co-activation distances -C are negative) up to above all of them
+    lo = min((float(d.heights.min()) for d in dendrograms.values() if d.heights.size), default=0.0) - 1.0
     hi = max((float(d.heights.max()) for d in dendrograms.values() if d.heights.size), default=0.0) + 1.0
     if total(hi) > target:
         raise ValueError(
