@@ -89,7 +89,7 @@ CLI_CASES = [
     ("option-out-of-range-reap", ["prune", "--method", "reap", "--experts-per-layer", "3", "--option",
                                   "super_expert_fraction=3"], 2, ["super_expert_fraction", "[0, 1]"]),
     ("option-bool-wrong-stun", ["prune", "--method", "stun", "--experts-per-layer", "3", "--option",
-                                "normalize=maybe"], 2, ["normalize", "true or false"]),
+                                "division_by_norm=maybe"], 2, ["division_by_norm", "true or false"]),
     ("option-choice-stun", ["prune", "--method", "stun", "--experts-per-layer", "3", "--option", "distance=cos"], 2,
      ["distance", "router"]),
     ("option-int-naee", ["prune", "--method", "naee", "--experts-per-layer", "3", "--option", "max_tokens=2.5"], 2,

@@ -51,7 +51,8 @@ def test_reap_drops_a_silent_expert_and_protects_super_experts():
     with torch.no_grad():
         for layer in wrapped.moe_layers():
             layer.expert_tensors()["down_proj"][2].zero_()  # its output is always zero: saliency 0
-    wrapped.prune_experts(MoEPruneConfig(method="reap", experts_per_layer=5), calibration=CALIB)
+    options = {"protect_super_experts": True}  # off by default, as in the authors' code
+    wrapped.prune_experts(MoEPruneConfig(method="reap", experts_per_layer=5, method_options=options), calibration=CALIB)
     details = wrapped.record["steps"][-1]["details"]
     for path, entry in wrapped.record["layers"].items():
         assert 2 not in {g[0] for g in entry["groups"]}

@@ -117,8 +117,11 @@ def test_owl_ratios_size_weighted_and_clamped():
     sizes = [1, 1, 4, 10]
     s = owl_layer_sparsities([0.01, 0.02, 0.03, 0.05], 0.5, lam=0.1, sizes=sizes)
     assert abs(sum(a * b for a, b in zip(s, sizes, strict=True)) / sum(sizes) - 0.5) < 1e-6
-    s = owl_layer_sparsities([0.0, 1.0], 0.95, lam=0.2, max_sparsity=0.99)
+    # size-weighted: clamping is re-solved so the average still holds
+    s = owl_layer_sparsities([0.0, 1.0], 0.95, lam=0.2, sizes=[1, 1], max_sparsity=0.99)
     assert max(s) <= 0.99 and abs(sum(s) / 2 - 0.95) < 1e-6
+    # the authors' plain rule only clamps, without moving the other layers
+    assert owl_layer_sparsities([0.0, 1.0], 0.95, lam=0.2, max_sparsity=0.99) == pytest.approx([0.99, 0.75])
 
 
 def test_unstructured_options_reject_bad_requests():

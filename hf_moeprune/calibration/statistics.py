@@ -37,8 +37,13 @@ class LayerStatistics:
         coactivation: Tokens routed to both experts i and j `[E, E]`.
         output_norm_sum: Sum of ||f_e(x)||_2 over routed tokens `[E]`.
         gated_output_norm_sum: Sum of g_e(x) * ||f_e(x)||_2 over routed tokens (REAP saliency) `[E]`.
+        prob_output_norm_sum: Sum of p_e(x) * ||f_e(x)||_2 over routed tokens, p the softmax over all
+            router logits, not renormalised over the top-k (the REAP authors' gate) `[E]`.
+        prob_pairs: Routed token-expert pairs whose softmax probability was known (every pair, where the
+            family's router is hooked) `[E]`.
         output_sum: Sum of f_e(x) over routed tokens `[E, H]` (mean expert output for HC-SMoE).
         output_max: Largest |f_e(x)| entry seen `[E]` (super-expert detection).
+        output_signed_max: Largest f_e(x) entry seen, at least 0 (the REAP authors' peak) `[E]`.
         input_sq: Sum of x^2 over routed tokens `[E, H]` (Wanda norms of the expert's inputs).
         intermediate_sq: Sum of a^2 of the expert's intermediate activations `[E, I]`.
     """
@@ -56,6 +61,9 @@ class LayerStatistics:
     coactivation: torch.Tensor = field(init=False)
     output_norm_sum: torch.Tensor = field(init=False)
     gated_output_norm_sum: torch.Tensor = field(init=False)
+    prob_output_norm_sum: torch.Tensor = field(init=False)
+    prob_pairs: torch.Tensor = field(init=False)
+    output_signed_max: torch.Tensor = field(init=False)
     output_sum: torch.Tensor = field(init=False)
     output_max: torch.Tensor = field(init=False)
     input_sq: torch.Tensor = field(init=False)
@@ -68,12 +76,16 @@ class LayerStatistics:
         self.logit_gram, self.coactivation = z(e, e), z(e, e)
         self.logit_sample = torch.zeros(0, e, dtype=torch.float32)
         self.output_norm_sum, self.gated_output_norm_sum, self.output_max = z(e), z(e), z(e)
+        self.prob_output_norm_sum, self.prob_pairs, self.output_signed_max = z(e), z(e), z(e)
+        self._probs: torch.Tensor | None = None
         self.output_sum, self.input_sq, self.intermediate_sq = z(e, h), z(e, h), z(e, i)
 
     def record_router(self, logits: torch.Tensor) -> None:
         logits = logits.detach().reshape(-1, self.num_experts).float()
         self.tokens += logits.shape[0]
-        self.prob_mass += logits.softmax(-1).sum(0).double()
+        probs = logits.softmax(-1)
+        self._probs = probs  # the current forward's tokens, read by record_experts
+        self.prob_mass += probs.sum(0).double()
         self.logit_sum += logits.sum(0).double()
         self.logit_gram += (logits.T @ logits).double()
         room = self.max_logit_samples - self.logit_sample.shape[0]
@@ -94,8 +106,10 @@ class LayerStatistics:
         intermediate: torch.Tensor,
         outputs: torch.Tensor,
         gates: torch.Tensor,
+        tokens: torch.Tensor | None = None,
     ) -> None:
-        """Record token-expert pairs: `experts[s]` received input row s and produced output row s.
+        """Record token-expert pairs: `experts[s]` received input row s (token `tokens[s]` of this forward)
+        and produced output row s.
 
         Per-expert sums are one matrix product with the one-hot assignment, not a loop over experts.
         """
@@ -108,12 +122,18 @@ class LayerStatistics:
         self.counts += assignment.sum(1).double().cpu()
         self.output_norm_sum += (assignment @ norms).double().cpu()
         self.gated_output_norm_sum += (assignment @ (norms * gates.detach().float().reshape(-1))).double().cpu()
+        if tokens is not None and self._probs is not None and tokens.numel() and int(tokens.max()) < len(self._probs):
+            probs = self._probs.to(experts.device)[tokens.long(), experts]
+            self.prob_output_norm_sum += (assignment @ (norms * probs)).double().cpu()
+            self.prob_pairs += assignment.sum(1).double().cpu()
         self.output_sum += (assignment @ outputs).double().cpu()
         self.input_sq += (assignment @ inputs.square()).double().cpu()
         self.intermediate_sq[:, : intermediate.shape[-1]] += (assignment @ intermediate.square()).double().cpu()
+        signed = outputs.amax(-1) if outputs.numel() else norms
         for expert in torch.unique(experts).tolist():
-            peak = float(peaks[experts == expert].max())
-            self.output_max[expert] = max(float(self.output_max[expert]), peak)
+            chosen = experts == expert
+            self.output_max[expert] = max(float(self.output_max[expert]), float(peaks[chosen].max()))
+            self.output_signed_max[expert] = max(float(self.output_signed_max[expert]), float(signed[chosen].max()))
 
     @property
     def frequency(self) -> torch.Tensor:
@@ -234,7 +254,7 @@ def _install_module_hooks(layer: MoELayer, stats: LayerStatistics) -> list:
             position, token = torch.where(state["mask"][:, :, e].T > 0)
             gates = state["weights"][token, position]
             experts = torch.full((args[0].shape[0],), e, dtype=torch.long, device=args[0].device)
-            stats.record_experts(experts, args[0], captured.pop("a"), output, gates)
+            stats.record_experts(experts, args[0], captured.pop("a"), output, gates, token)
 
         handles.append(expert.register_forward_hook(expert_hook))
     return handles
@@ -283,7 +303,8 @@ def recording_experts_forward(
     if recorder is not None and intermediates:
         routed = slice(bounds[0], bounds[num_experts])
         recorder.record_experts(
-            sorted_experts[routed], inputs[routed], torch.cat(intermediates), raw_outputs[routed], gates[routed]
+            sorted_experts[routed], inputs[routed], torch.cat(intermediates), raw_outputs[routed], gates[routed],
+            tokens[routed],
         )
     combined = torch.empty_like(outputs)
     combined[order] = outputs

@@ -78,21 +78,26 @@ def owl_layer_sparsities(
     sizes: Sequence[float] | None = None,
     max_sparsity: float = 0.99,
 ) -> list[float]:
-    """OWL's per-layer sparsities.
+    """OWL's per-layer sparsities: `target - (scaled_l - mean(scaled))`, scaled_l the outlier shares mapped
+    onto [0, 2 lam]; the plain mean without sizes is the authors' rule (luuyin/OWL `lib/prune_all.py`
+    `prune_wanda_outlier`, STUN's copy `OWL/lib/prune_all.py` l.926-938), which never clamps.
 
     Args:
         outlier_ratios: Share of outlier scores per layer.
         target: Sparsity the layers average to.
         lam: The layers' sparsities spread over `[target - lam, target + lam]`.
-        sizes: Parameters per layer. When layers differ in size (non-uniform expert counts after STUN's first
-            phase), the size-weighted mean is matched instead, so the total share of zeros equals `target`.
-        max_sparsity: Upper clamp; the shift is re-solved after clamping so the average still holds.
+        sizes: Parameters per layer. When given (option `owl_balance="size_weighted"`), the size-weighted
+            mean is matched instead, so the total share of zeros equals `target` even when layers differ in
+            size (non-uniform expert counts after STUN's first phase).
+        max_sparsity: Upper clamp; with `sizes` the shift is re-solved after clamping so the average holds.
     """
     r = torch.tensor(list(outlier_ratios), dtype=torch.float64)
     w = torch.ones_like(r) if sizes is None else torch.tensor(list(sizes), dtype=torch.float64)
     spread = r.max() - r.min() if r.numel() else torch.tensor(0.0)
     scaled = (r - r.min()) / spread * (2 * lam) if float(spread) > 0 else torch.zeros_like(r)
     base = target - (scaled - scaled.mean())
+    if sizes is None:
+        return base.clamp(0.0, max_sparsity).tolist()  # clamps only far outside the authors' range
     # solve for a shift c with weighted-mean(clamp(base + c)) == target (monotone in c: bisection)
     lo, hi = -1.0, 1.0
     for _ in range(60):

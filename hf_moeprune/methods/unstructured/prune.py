@@ -48,8 +48,12 @@ class UnstructuredOptions:
             MLPs such as Arctic's residual MLP or shared experts), `"all_linear"` (every linear in the decoder
             layers except routers; the choice for dense models).
         module_filter: `filter(module, fqn) -> bool` for non-expert linears, overriding the kind rules.
-        owl_m: OWL's outlier threshold M (scores above M times the layer mean).
-        owl_lambda: OWL's lambda: layer sparsities lie within target +- lambda.
+        owl_m: OWL's outlier threshold M (scores above M times the layer mean); 3 is the authors' code
+            default (luuyin/OWL `main.py` l.265-267), their README commands use 5.
+        owl_lambda: OWL's lambda: layer sparsities lie within target +- lambda (code default 0.08).
+        owl_balance: `"mean"` (the authors': the plain mean of the layer sparsities is the target) or
+            `"size_weighted"` (the share of zeros over all pruned weights is the target; prefer it after
+            STUN's non-uniform first phase, where layers differ in size).
         sequential: Collect each layer's inputs after the earlier layers are pruned (True), or everything in
             one pass of the unpruned model (False; used automatically for encoder-decoder models).
     """
@@ -59,8 +63,9 @@ class UnstructuredOptions:
     nm: tuple[int, int] | None = None
     targets: tuple[str, ...] = ("experts",)
     module_filter: ModuleFilter | None = None
-    owl_m: float = 5.0
+    owl_m: float = 3.0
     owl_lambda: float = 0.08
+    owl_balance: Literal["mean", "size_weighted"] = "mean"
     sequential: bool = True
 
     def __post_init__(self) -> None:
@@ -262,7 +267,7 @@ class WeightPruning:
         pruned = [path for path, (_, size, _) in summaries.items() if size > 0]
         values = owl_layer_sparsities(
             [summaries[p][0] for p in pruned], self.options.sparsity, self.options.owl_lambda,
-            [summaries[p][1] for p in pruned],
+            [summaries[p][1] for p in pruned] if self.options.owl_balance == "size_weighted" else None,
         )
         self.report.outlier_ratios = {p: summaries[p][0] for p in pruned}
         return dict(zip(pruned, values, strict=True))
@@ -350,7 +355,7 @@ def owl_prune_(
 
 def options_from_config(config: Any, algorithm: str | None = None) -> UnstructuredOptions:
     """`UnstructuredOptions` from a `MoEPruneConfig` (weight_sparsity, unstructured, nm_pattern,
-    method_options `targets`, `owl_m`, `owl_lambda`, `sequential`)."""
+    method_options `targets`, `owl_m`, `owl_lambda`, `owl_balance`, `sequential`)."""
     opts = config.method_options
     algorithm = algorithm or config.unstructured or "wanda"
     sparsity = config.weight_sparsity if config.weight_sparsity is not None else 0.0
@@ -362,7 +367,8 @@ def options_from_config(config: Any, algorithm: str | None = None) -> Unstructur
         algorithm=algorithm,
         nm=config.nm_pattern,
         targets=tuple(targets),
-        owl_m=float(opts.get("owl_m", 5.0)),
+        owl_m=float(opts.get("owl_m", 3.0)),
         owl_lambda=float(opts.get("owl_lambda", 0.08)),
+        owl_balance=opts.get("owl_balance", "mean"),
         sequential=bool(opts.get("sequential", True)),
     )

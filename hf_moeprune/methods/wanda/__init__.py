@@ -14,7 +14,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from torch import nn
 
@@ -35,8 +35,9 @@ class WandaOptions:
 
 @dataclass
 class OWLOptions(WandaOptions):
-    owl_m: float = 5.0
+    owl_m: float = 3.0
     owl_lambda: float = 0.08
+    owl_balance: Literal["mean", "size_weighted"] = "mean"
 
 
 class UnstructuredMethod(ExpertMethod):
