@@ -99,3 +99,22 @@ def test_resume_refuses_a_state_of_another_run(tmp_path, uninterrupted):
                 "--resume",
             ]
         )
+
+
+def test_per_layer_balance_loss_sees_a_collapsed_layer_that_the_pooled_loss_misses():
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    from hf_moeprune.testbed.train import per_layer_balance_loss
+
+    tokens, experts = 64, 4
+    # Layer 0 sends every token to experts 0 and 1, layer 1 to experts 2 and 3: pooled, all four look equal.
+    first = torch.tensor([5.0, 4.0, 0.0, 0.0]).repeat(tokens, 1)
+    second = torch.tensor([0.0, 0.0, 5.0, 4.0]).repeat(tokens, 1)
+    balanced = torch.eye(experts).repeat(tokens // experts, 1) * 5 + torch.eye(experts).roll(1, 1).repeat(
+        tokens // experts, 1
+    )
+    pooled = load_balancing_loss_func((first, second), experts, top_k=2)
+    pooled_balanced = load_balancing_loss_func((balanced, balanced), experts, top_k=2)
+    assert float(pooled) == pytest.approx(float(pooled_balanced), rel=0.05)
+    assert float(per_layer_balance_loss((balanced, balanced), top_k=2)) == pytest.approx(1.0, rel=0.05)
+    assert float(per_layer_balance_loss((first, second), top_k=2)) > 1.7

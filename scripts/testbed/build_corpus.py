@@ -195,12 +195,16 @@ def extract_deb(deb: Path, root: Path) -> tuple[Path, str]:
     return target, version
 
 
-def copyright_text(unpacked: Path, package: str) -> str:
-    path = unpacked / "usr" / "share" / "doc" / package / "copyright"
-    if not path.exists():  # manpages-dev links its doc folder to manpages'
-        candidates = list((unpacked / "usr" / "share" / "doc").glob("*/copyright"))
-        path = candidates[0] if candidates else path
-    return path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
+def copyright_text(unpacked: dict[str, Path], package: str) -> str:
+    """The package's copyright file; a package whose doc folder links to another's (manpages-dev to
+    manpages) gets that one's."""
+    folder = unpacked[package] / "usr" / "share" / "doc" / package
+    if folder.is_symlink() and folder.readlink().name in unpacked:
+        return copyright_text(unpacked, folder.readlink().name)
+    path = folder / "copyright"
+    if not path.exists():
+        raise FileNotFoundError(f"{package} has no copyright file; its licence cannot be recorded.")
+    return path.read_text(encoding="utf-8", errors="replace")
 
 
 def _documents(domain: str, topic: str, key: str, text: str) -> list[Document]:
@@ -287,10 +291,10 @@ def debian_corpus(debs: Path) -> tuple[list[Document], dict[str, dict]]:
     packages = [p for s in DEBIAN_SOURCES for p in s.packages]
     files = fetch_debs(packages, debs)
     with tempfile.TemporaryDirectory(prefix="testbed-debs-") as tmp:
-        unpacked, versions, copyrights = {}, {}, {}
+        unpacked, versions = {}, {}
         for package, deb in files.items():
             unpacked[package], versions[package] = extract_deb(deb, Path(tmp))
-            copyrights[package] = copyright_text(unpacked[package], package)
+        copyrights = {package: copyright_text(unpacked, package) for package in files}
         documents = (
             gcide_documents(unpacked["dict-gcide"])
             + python_docs_documents(unpacked["python3.11-doc"])
@@ -323,6 +327,18 @@ def pypi_licences() -> dict[str, dict]:
 
 
 # ---------------------------------------------------------------- selection and output
+
+
+def drop_repeats(documents: list[Document]) -> list[Document]:
+    """The documents without any whose text (whitespace aside) repeats an earlier one, so no held-out or
+    calibration text is also trained on (manual pages and dictionary entries repeat under several names)."""
+    kept, seen = [], set()
+    for document in documents:
+        key = hashlib.sha256(" ".join(document.text.split()).encode()).digest()
+        if key not in seen:
+            seen.add(key)
+            kept.append(document)
+    return kept
 
 
 def hash_order(documents: list[Document]) -> list[Document]:
@@ -358,6 +374,7 @@ def build(args: argparse.Namespace) -> dict:
     licences = {**pypi_licences(), **licences}
     by_domain = {d: [x for x in documents if x.domain == d] for d in DOMAINS_V2}
     documents = [x for d in DOMAINS_V2 for x in cap_words(by_domain[d], MAX_WORDS.get(d))]
+    documents = drop_repeats(documents)
     groups = split_documents(documents)
     output = Path(args.output)
     shipped = {name: sample(groups[name], args.sample_words) for name in ("heldout", "calibration")}
