@@ -25,7 +25,7 @@ while true; do
       cp "$run/resume/state.pt" "$DEST/$name/state.pt"
     fi
   done
-  git add -A "$DEST"
+  [ -d "$DEST" ] && git add -A "$DEST"
   if ! git diff --cached --quiet; then
     message="$SNAPSHOT $(date -u +%FT%TZ): $(tail -qn1 "$DEST"/*/train.log 2>/dev/null | tr '\n' ' ' | cut -c1-300)"
     if [ "$(git log -1 --format=%s | cut -c1-${#SNAPSHOT})" = "$SNAPSHOT" ]; then
