@@ -15,7 +15,7 @@ from hf_moeprune import AutoMoEPruneModelForCausalLM
 from hf_moeprune.calibration import LayerStatistics
 from hf_moeprune.config import MoEPruneConfig
 from hf_moeprune.methods import get_method
-from hf_moeprune.methods.stun import _mean_offdiag, coactivation_distance
+from hf_moeprune.methods.stun import coactivation_distance
 from hf_moeprune.pipeline import Observation
 from hf_moeprune.pipeline.units import decoder_units
 
@@ -82,19 +82,13 @@ def test_frequency_applies_a_requested_top_k():
     assert wrapped.model.config.num_experts_per_tok == 1
 
 
-def test_coactivation_distance_is_one_minus_the_normalised_co_routing():
-    """C = tokens routed to both i and j: d_ij = 1 - C_ij / sqrt(C_ii C_jj), 0 on the diagonal."""
+def test_coactivation_distance_is_minus_the_co_routing_counts():
+    """The reference's rule: d_ij = -C_ij (diagonal 0); with divide_mean, divided by |mean(d)| over all n^2
+    entries. Catches a dropped sign, a kept diagonal and a mean over the wrong entries."""
     c = torch.tensor([[4.0, 2.0, 0.0], [2.0, 9.0, 6.0], [0.0, 6.0, 4.0]])
-    expected = torch.tensor(
-        [[0.0, 1 - 2 / 6, 1.0], [1 - 2 / 6, 0.0, 1 - 6 / 6], [1.0, 1 - 6 / 6, 0.0]], dtype=torch.float64
-    )
-    torch.testing.assert_close(coactivation_distance(c), expected, rtol=0, atol=1e-15)
-
-
-def test_mean_offdiagonal_distance_averages_the_n_times_n_minus_1_pairs():
-    d = torch.tensor([[0.0, 1.0, 2.0], [1.0, 0.0, 3.0], [2.0, 3.0, 0.0]])
-    assert _mean_offdiag(d) == pytest.approx(12 / 6, abs=1e-15)
-    assert _mean_offdiag(torch.zeros(3, 3)) == 1.0  # an all-zero distance is left unscaled
+    expected = -torch.tensor([[0.0, 2.0, 0.0], [2.0, 0.0, 6.0], [0.0, 6.0, 0.0]])
+    assert torch.equal(coactivation_distance(c), expected)
+    assert torch.equal(coactivation_distance(c, divide_mean=True), expected / (16 / 9))
 
 
 @pytest.mark.parametrize("nm, algorithm", [(None, "owl"), ((2, 4), "wanda")])
