@@ -1,0 +1,214 @@
+"""Peak RSS and wall time of reducing synthetic Mixtral checkpoints of 0.5 to 30 GB with the CLI (issue 15).
+
+    python -m benchmarks.streaming_memory --sizes 0.5,3 [--methods frequency,stun] \
+        [--extra-args="--streaming --device cpu"] [--workdir /big/disk] [--json out.json] [--keep]
+
+For each size a bf16 Mixtral checkpoint in the Hub's per-expert key layout is generated shard by shard (see
+`benchmarks/synthetic_checkpoint.py`), then copied with `cp -r` (the I/O reference) and reduced by each
+method through `hf-moeprune` under `/usr/bin/time -v` (or `os.wait4` where that is missing). `--extra-args`
+are appended to every CLI call. Generated checkpoints and outputs are deleted afterwards, also on failure,
+unless `--keep`; free disk is checked before anything is written. Runs are warm-cache: the checkpoint was
+just written, so what fits in the page cache is read from memory by `cp` and the CLI alike.
+
+Targets (issue 15), printed, not asserted: peak RSS < 4 GiB on 30 GB; data-free STUN within 2x of `cp`;
+calibrated methods dominated by their forward passes, not by I/O.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from benchmarks.synthetic_checkpoint import shape_for_bytes, write_synthetic_mixtral
+
+GNU_TIME = Path("/usr/bin/time")
+CLI = [sys.executable, "-m", "hf_moeprune.cli"]
+# Disk needed per size: the checkpoint and one full copy of it (by `cp`; every reduced output is smaller).
+DISK_FACTOR, DISK_HEADROOM = 2.05, 1 << 30
+
+
+@dataclass(frozen=True)
+class Method:
+    """One timed command: `argv(checkpoint, output, half_experts)` with the CLI's own flags."""
+
+    name: str
+    cli_args: tuple[str, ...]  # empty for `cp`
+
+    def argv(self, checkpoint: Path, output: Path, half_experts: int, extra: list[str]) -> list[str]:
+        if not self.cli_args:
+            return ["cp", "-r", str(checkpoint), str(output)]
+        args = [arg.replace("{half}", str(half_experts)) for arg in self.cli_args]
+        return [*CLI, args[0], "--model", str(checkpoint), *args[1:], "--output", str(output), "--overwrite", *extra]
+
+
+METHODS = {
+    method.name: method
+    for method in (
+        Method("cp", ()),
+        Method("frequency", ("prune", "--method", "frequency", "--experts-per-layer", "{half}")),
+        Method("stun", ("prune", "--method", "stun", "--expert-sparsity", "0.5")),
+        Method("stun+owl40", ("prune", "--method", "stun", "--expert-sparsity", "0.5", "--weight-sparsity", "0.4")),
+        Method("uncurl", ("merge", "--method", "uncurl", "--experts-per-layer", "{half}")),
+    )
+}
+
+
+@dataclass
+class Measurement:
+    size_gb: float
+    checkpoint_bytes: int
+    method: str
+    command: str
+    returncode: int
+    peak_rss_bytes: int
+    wall_s: float
+    rss_over_checkpoint: float = float("nan")
+    wall_over_cp: float = float("nan")
+
+
+def measure(argv: list[str], log: Path) -> tuple[int, int, float]:
+    """Run `argv`, its output into `log`; return (exit code, peak RSS in bytes, wall seconds)."""
+    use_time = GNU_TIME.is_file()
+    with log.open("w") as out:
+        start = time.perf_counter()
+        process = subprocess.Popen([str(GNU_TIME), "-v", *argv] if use_time else argv, stdout=out,
+                                   stderr=subprocess.STDOUT)
+        # wait4 reports this child's own peak RSS (GNU time makes the same call), unlike getrusage(RUSAGE_CHILDREN),
+        # whose maximum runs over every child this process has had
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - start
+    process.returncode = os.waitstatus_to_exitcode(status)
+    rss_kib = usage.ru_maxrss
+    if use_time:
+        found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", log.read_text())
+        rss_kib = int(found.group(1)) if found else rss_kib
+    return process.returncode, rss_kib * 1024, wall
+
+
+def check_disk(workdir: Path, sizes: list[float]) -> None:
+    needed = DISK_FACTOR * max(sizes) * 1e9 + DISK_HEADROOM
+    free = shutil.disk_usage(workdir).free
+    if free < needed:
+        raise SystemExit(f"error: {workdir} has {free / 2**30:.1f} GiB free, the {max(sizes):g} GB run needs "
+                         f"{needed / 2**30:.1f} GiB (checkpoint + one copy); free space or pass --workdir.")
+
+
+def bench_size(size_gb: float, methods: list[str], extra: list[str], workdir: Path, shard_gb: float,
+               keep: bool) -> list[Measurement]:
+    shape = shape_for_bytes(size_gb * 1e9)
+    checkpoint = workdir / f"mixtral-{size_gb:g}gb"
+    shard_bytes = int(min(shard_gb * 1e9, shape.num_bytes() / 4))  # at least 4 shards so the index is used
+    start = time.perf_counter()
+    total = write_synthetic_mixtral(checkpoint, shape, shard_bytes=shard_bytes)
+    shards = len(list(checkpoint.glob("model-*.safetensors")))
+    print(f"\n{size_gb:g} GB: {total / 1e9:.2f} GB in {shards} shards written in {time.perf_counter() - start:.0f} s; "
+          f"{shape}", flush=True)
+    rows: list[Measurement] = []
+    for name in methods:
+        output = workdir / f"out-{size_gb:g}gb-{name}"
+        argv = METHODS[name].argv(checkpoint, output, shape.num_local_experts // 2, extra)
+        log = workdir / f"log-{size_gb:g}gb-{name}.txt"
+        returncode, rss, wall = measure(argv, log)
+        rows.append(Measurement(size_gb, total, name, shlex.join(argv), returncode, rss, wall, rss / total))
+        status = "ok" if returncode == 0 else f"FAILED (exit {returncode}); log tail:\n{_tail(log)}"
+        print(f"  {name:<11} {rss / 2**30:6.2f} GiB  {wall:7.1f} s  {status}", flush=True)
+        if not keep:
+            shutil.rmtree(output, ignore_errors=True)
+    cp_wall = next((row.wall_s for row in rows if row.method == "cp" and row.returncode == 0), None)
+    for row in rows:
+        row.wall_over_cp = row.wall_s / cp_wall if cp_wall else float("nan")
+    if not keep:
+        shutil.rmtree(checkpoint)
+    return rows
+
+
+def _tail(log: Path, lines: int = 8) -> str:
+    return "\n".join("    " + line for line in log.read_text().splitlines()[-lines:])
+
+
+def markdown_table(rows: list[Measurement]) -> str:
+    lines = ["| size | method | peak RSS | wall time | peak RSS / checkpoint | wall time / cp |",
+             "|---|---|---|---|---|---|"]
+    for row in rows:
+        failed = "" if row.returncode == 0 else f" (FAILED, exit {row.returncode})"
+        lines.append(f"| {row.size_gb:g} GB ({row.checkpoint_bytes / 1e9:.2f}) | {row.method}{failed} "
+                     f"| {row.peak_rss_bytes / 2**30:.2f} GiB | {row.wall_s:.1f} s | {row.rss_over_checkpoint:.2f} "
+                     f"| {row.wall_over_cp:.1f} |")
+    return "\n".join(lines)
+
+
+def _machine() -> dict:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent).stdout.strip()
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {"host": platform.node(), "cpus": os.cpu_count(), "memory_bytes": memory, "python": sys.version.split()[0],
+            "git_commit": commit, "rss_from": "/usr/bin/time -v" if GNU_TIME.is_file() else "os.wait4"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="0.5,3,6,30", help="Checkpoint sizes in GB, comma separated.")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"Subset of {', '.join(METHODS)}.")
+    parser.add_argument("--extra-args", default="",
+                        help='Appended to every CLI call, e.g. --extra-args="--streaming --device cuda".')
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()),
+                        help="Where checkpoints and outputs are written (a new folder inside it).")
+    parser.add_argument("--shard-gb", type=float, default=2.0, help="Largest shard of the generated checkpoints.")
+    parser.add_argument("--json", type=Path, default=Path("streaming_memory.json"), help="Results file.")
+    parser.add_argument("--keep", action="store_true", help="Keep checkpoints, outputs and logs.")
+    args = parser.parse_args(argv)
+    try:
+        args.sizes = [float(size) for size in args.sizes.split(",")]
+    except ValueError:
+        parser.error(f"--sizes expects numbers of GB separated by commas, e.g. 0.5,3; got {args.sizes!r}.")
+    if min(args.sizes) <= 0:
+        parser.error("--sizes must all be positive.")
+    args.methods = args.methods.split(",")
+    unknown = sorted(set(args.methods) - set(METHODS))
+    if unknown:
+        parser.error(f"--methods: unknown {', '.join(unknown)}; known: {', '.join(METHODS)}.")
+    if "cp" not in args.methods:
+        args.methods.insert(0, "cp")  # every ratio is against cp
+    if args.shard_gb <= 0:
+        parser.error("--shard-gb must be positive.")
+    if not args.workdir.is_dir():
+        parser.error(f"--workdir {args.workdir}: no such folder.")
+    args.extra_args = shlex.split(args.extra_args)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    for size in args.sizes:
+        shape_for_bytes(size * 1e9)  # a size too small fails here, before anything is written
+    check_disk(args.workdir, args.sizes)
+    workdir = Path(tempfile.mkdtemp(prefix="moeprune-streaming-bench-", dir=args.workdir))
+    rows: list[Measurement] = []
+    try:
+        for size in args.sizes:
+            rows += bench_size(size, args.methods, args.extra_args, workdir, args.shard_gb, args.keep)
+    finally:
+        if args.keep:
+            print(f"\nkept: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    table = markdown_table(rows)
+    print(f"\nextra CLI args: {shlex.join(args.extra_args) or '(none)'}\n\n{table}")
+    result = {"machine": _machine(), "extra_args": args.extra_args, "rows": [asdict(row) for row in rows]}
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
