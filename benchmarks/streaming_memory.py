@@ -5,7 +5,7 @@
 
 For each size a bf16 Mixtral checkpoint in the Hub's per-expert key layout is generated shard by shard (see
 `benchmarks/synthetic_checkpoint.py`), then copied with `cp -r` (the I/O reference) and reduced by each
-method through `hf-moeprune` under `/usr/bin/time -v` (or `os.wait4` where that is missing). `--extra-args`
+method through `hf-moeprune` under `/usr/bin/time -v` (or a getrusage wrapper where that is missing). `--extra-args`
 are appended to every CLI call. Generated checkpoints and outputs are deleted afterwards, also on failure,
 unless `--keep`; free disk is checked before anything is written. Runs are warm-cache: the checkpoint was
 just written, so what fits in the page cache is read from memory by `cp` and the CLI alike.
@@ -27,12 +27,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from benchmarks.synthetic_checkpoint import shape_for_bytes, write_synthetic_mixtral
 
 GNU_TIME = Path("/usr/bin/time")
+RSS_WRAPPER = """import resource, subprocess, sys
+code = subprocess.call(sys.argv[1:])
+print(f"Maximum resident set size (kbytes): {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}", file=sys.stderr)
+sys.exit(code if code >= 0 else 128 - code)
+"""
 CLI = [sys.executable, "-m", "hf_moeprune.cli"]
 # Disk needed per size: the checkpoint and one full copy of it (by `cp`; every reduced output is smaller).
 DISK_FACTOR, DISK_HEADROOM = 2.05, 1 << 30
@@ -73,27 +79,29 @@ class Measurement:
     returncode: int
     peak_rss_bytes: int
     wall_s: float
-    rss_over_checkpoint: float = float("nan")
-    wall_over_cp: float = float("nan")
+    rss_over_checkpoint: float
+    wall_over_cp: float
 
 
 def measure(argv: list[str], log: Path) -> tuple[int, int, float]:
     """Run `argv`, its output into `log`; return (exit code, peak RSS in bytes, wall seconds)."""
-    use_time = GNU_TIME.is_file()
     with log.open("w") as out:
         start = time.perf_counter()
-        process = subprocess.Popen([str(GNU_TIME), "-v", *argv] if use_time else argv, stdout=out,
-                                   stderr=subprocess.STDOUT)
-        # wait4 reports this child's own peak RSS (GNU time makes the same call), unlike getrusage(RUSAGE_CHILDREN),
-        # whose maximum runs over every child this process has had
-        _, status, usage = os.wait4(process.pid, 0)
+        returncode = subprocess.run([*_peak_rss_reporter(), *argv], stdout=out, stderr=subprocess.STDOUT).returncode
         wall = time.perf_counter() - start
-    process.returncode = os.waitstatus_to_exitcode(status)
-    rss_kib = usage.ru_maxrss
-    if use_time:
-        found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", log.read_text())
-        rss_kib = int(found.group(1)) if found else rss_kib
-    return process.returncode, rss_kib * 1024, wall
+    found = re.findall(r"Maximum resident set size \(kbytes\): (\d+)", log.read_text())
+    return returncode, int(found[-1]) * 1024 if found else 0, wall
+
+
+def _peak_rss_reporter() -> list[str]:
+    """A small process that runs the command and prints its peak RSS the way `/usr/bin/time -v` does.
+
+    The measuring process must be small: a child's peak RSS starts from its parent's at fork, and this script
+    holds torch and a whole shard at times.
+    """
+    if GNU_TIME.is_file():
+        return [str(GNU_TIME), "-v"]
+    return [sys.executable, "-S", "-c", RSS_WRAPPER]
 
 
 def check_disk(workdir: Path, sizes: list[float]) -> None:
@@ -105,7 +113,8 @@ def check_disk(workdir: Path, sizes: list[float]) -> None:
 
 
 def bench_size(size_gb: float, methods: list[str], extra: list[str], workdir: Path, shard_gb: float,
-               keep: bool) -> list[Measurement]:
+               keep: bool) -> Iterator[Measurement]:
+    """Generate one checkpoint, yield a measurement per method as it finishes (cp first), delete it."""
     shape = shape_for_bytes(size_gb * 1e9)
     checkpoint = workdir / f"mixtral-{size_gb:g}gb"
     shard_bytes = int(min(shard_gb * 1e9, shape.num_bytes() / 4))  # at least 4 shards so the index is used
@@ -114,23 +123,25 @@ def bench_size(size_gb: float, methods: list[str], extra: list[str], workdir: Pa
     shards = len(list(checkpoint.glob("model-*.safetensors")))
     print(f"\n{size_gb:g} GB: {total / 1e9:.2f} GB in {shards} shards written in {time.perf_counter() - start:.0f} s; "
           f"{shape}", flush=True)
-    rows: list[Measurement] = []
+    cp_wall = float("nan")
     for name in methods:
         output = workdir / f"out-{size_gb:g}gb-{name}"
         argv = METHODS[name].argv(checkpoint, output, shape.num_local_experts // 2, extra)
         log = workdir / f"log-{size_gb:g}gb-{name}.txt"
         returncode, rss, wall = measure(argv, log)
-        rows.append(Measurement(size_gb, total, name, shlex.join(argv), returncode, rss, wall, rss / total))
+        if name == "cp" and returncode == 0:
+            cp_wall = wall
         status = "ok" if returncode == 0 else f"FAILED (exit {returncode}); log tail:\n{_tail(log)}"
-        print(f"  {name:<11} {rss / 2**30:6.2f} GiB  {wall:7.1f} s  {status}", flush=True)
+        print(f"  {name:<11} {_size(rss):>10}  {wall:7.1f} s  {status}", flush=True)
         if not keep:
             shutil.rmtree(output, ignore_errors=True)
-    cp_wall = next((row.wall_s for row in rows if row.method == "cp" and row.returncode == 0), None)
-    for row in rows:
-        row.wall_over_cp = row.wall_s / cp_wall if cp_wall else float("nan")
+        yield Measurement(size_gb, total, name, shlex.join(argv), returncode, rss, wall, rss / total, wall / cp_wall)
     if not keep:
         shutil.rmtree(checkpoint)
-    return rows
+
+
+def _size(num_bytes: int) -> str:
+    return f"{num_bytes / 2**30:.2f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.0f} MiB"
 
 
 def _tail(log: Path, lines: int = 8) -> str:
@@ -143,7 +154,7 @@ def markdown_table(rows: list[Measurement]) -> str:
     for row in rows:
         failed = "" if row.returncode == 0 else f" (FAILED, exit {row.returncode})"
         lines.append(f"| {row.size_gb:g} GB ({row.checkpoint_bytes / 1e9:.2f}) | {row.method}{failed} "
-                     f"| {row.peak_rss_bytes / 2**30:.2f} GiB | {row.wall_s:.1f} s | {row.rss_over_checkpoint:.2f} "
+                     f"| {_size(row.peak_rss_bytes)} | {row.wall_s:.1f} s | {row.rss_over_checkpoint:.2f} "
                      f"| {row.wall_over_cp:.1f} |")
     return "\n".join(lines)
 
@@ -153,7 +164,7 @@ def _machine() -> dict:
                             cwd=Path(__file__).resolve().parent).stdout.strip()
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return {"host": platform.node(), "cpus": os.cpu_count(), "memory_bytes": memory, "python": sys.version.split()[0],
-            "git_commit": commit, "rss_from": "/usr/bin/time -v" if GNU_TIME.is_file() else "os.wait4"}
+            "git_commit": commit, "load_average_at_start": os.getloadavg(), "rss_from": "/usr/bin/time -v" if GNU_TIME.is_file() else "getrusage(RUSAGE_CHILDREN) wrapper"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -194,20 +205,19 @@ def main(argv: list[str] | None = None) -> None:
         shape_for_bytes(size * 1e9)  # a size too small fails here, before anything is written
     check_disk(args.workdir, args.sizes)
     workdir = Path(tempfile.mkdtemp(prefix="moeprune-streaming-bench-", dir=args.workdir))
-    rows: list[Measurement] = []
+    machine, rows = _machine(), []
     try:
         for size in args.sizes:
-            rows += bench_size(size, args.methods, args.extra_args, workdir, args.shard_gb, args.keep)
+            for row in bench_size(size, args.methods, args.extra_args, workdir, args.shard_gb, args.keep):
+                rows.append(row)  # rewritten after every run, so an interrupted benchmark keeps what it measured
+                result = {"machine": machine, "extra_args": args.extra_args, "rows": [asdict(row) for row in rows]}
+                args.json.write_text(json.dumps(result, indent=2) + "\n")
     finally:
         if args.keep:
             print(f"\nkept: {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-    table = markdown_table(rows)
-    print(f"\nextra CLI args: {shlex.join(args.extra_args) or '(none)'}\n\n{table}")
-    result = {"machine": _machine(), "extra_args": args.extra_args, "rows": [asdict(row) for row in rows]}
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.json}")
+    print(f"\nextra CLI args: {shlex.join(args.extra_args) or '(none)'}\n\n{markdown_table(rows)}\n\nwrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,55 @@
+"""The streaming benchmark's measurement: a child's own peak RSS and exit code, with and without GNU time."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import streaming_memory
+from hf_moeprune.commands import build_parser
+
+ALLOCATE_300_MIB = [sys.executable, "-c", "import sys; block = b'x' * (300 << 20); sys.exit(3)"]
+
+
+@pytest.fixture(params=[True, False], ids=["usr-bin-time", "getrusage-wrapper"])
+def reporter(request, tmp_path, monkeypatch):
+    """Measure with GNU time where it is installed, and with the fallback wrapper."""
+    if request.param and not streaming_memory.GNU_TIME.is_file():
+        pytest.skip("/usr/bin/time is not installed")
+    if not request.param:
+        monkeypatch.setattr(streaming_memory, "GNU_TIME", Path(tmp_path / "no-time"))
+
+
+def test_measure_reports_the_childs_peak_rss_and_exit_code(tmp_path, reporter):
+    returncode, rss, wall = streaming_memory.measure(ALLOCATE_300_MIB, tmp_path / "log.txt")
+    assert returncode == 3
+    assert 300 << 20 <= rss < 1 << 30
+    assert wall > 0
+    small_returncode, small_rss, _ = streaming_memory.measure([sys.executable, "-c", "pass"], tmp_path / "log.txt")
+    assert small_returncode == 0 and small_rss < 200 << 20  # neither the earlier child's peak nor pytest's RSS
+
+
+def test_a_killed_child_reads_as_failed(tmp_path, reporter):
+    kill_self = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]
+    returncode, _, _ = streaming_memory.measure(kill_self, tmp_path / "log.txt")
+    assert returncode == 137  # as GNU time and the shell report an out-of-memory kill
+
+
+@pytest.mark.parametrize("name", sorted(set(streaming_memory.METHODS) - {"cp"}))
+def test_every_method_is_a_valid_cli_call(tmp_path, name):
+    argv = streaming_memory.METHODS[name].argv(tmp_path / "in", tmp_path / "out", 4, ["--seed", "7"])
+    assert argv[: len(streaming_memory.CLI)] == streaming_memory.CLI
+    args = build_parser("hf-moeprune").parse_args(argv[len(streaming_memory.CLI):])
+    assert (args.model, args.output, args.overwrite, args.seed) == (str(tmp_path / "in"), str(tmp_path / "out"), True, 7)
+    assert args.experts_per_layer == 4 or args.expert_sparsity == 0.5
+
+
+def test_bad_arguments_are_refused_before_any_work(capsys):
+    with pytest.raises(SystemExit):
+        streaming_memory.parse_args(["--methods", "frequency,magic"])
+    assert "unknown magic" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        streaming_memory.parse_args(["--sizes", "0.5,big"])
+    assert "--sizes expects numbers" in capsys.readouterr().err
