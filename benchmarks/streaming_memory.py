@@ -34,9 +34,13 @@ from pathlib import Path
 from benchmarks.synthetic_checkpoint import shape_for_bytes, write_synthetic_mixtral
 
 GNU_TIME = Path("/usr/bin/time")
+# the lines of `/usr/bin/time -v` read back; the fallback wrapper prints the same ones
+REPORTED = ("Maximum resident set size (kbytes)", "User time (seconds)", "System time (seconds)")
 RSS_WRAPPER = """import resource, subprocess, sys
 code = subprocess.call(sys.argv[1:])
-print(f"Maximum resident set size (kbytes): {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}", file=sys.stderr)
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(f"Maximum resident set size (kbytes): {usage.ru_maxrss}", file=sys.stderr)
+print(f"User time (seconds): {usage.ru_utime:.2f}\\nSystem time (seconds): {usage.ru_stime:.2f}", file=sys.stderr)
 sys.exit(code if code >= 0 else 128 - code)
 """
 CLI = [sys.executable, "-m", "hf_moeprune.cli"]
@@ -70,6 +74,16 @@ METHODS = {
 }
 
 
+@dataclass(frozen=True)
+class Usage:
+    """What one command cost. CPU time (user + system) is reported too: on a shared machine it moves less."""
+
+    returncode: int
+    peak_rss_bytes: int
+    wall_s: float
+    cpu_s: float
+
+
 @dataclass
 class Measurement:
     size_gb: float
@@ -79,18 +93,24 @@ class Measurement:
     returncode: int
     peak_rss_bytes: int
     wall_s: float
+    cpu_s: float
     rss_over_checkpoint: float
     wall_over_cp: float
 
 
-def measure(argv: list[str], log: Path) -> tuple[int, int, float]:
-    """Run `argv`, its output into `log`; return (exit code, peak RSS in bytes, wall seconds)."""
+def measure(argv: list[str], log: Path) -> Usage:
+    """Run `argv` with its output into `log`, under a reporter of peak RSS and CPU time."""
     with log.open("w") as out:
         start = time.perf_counter()
         returncode = subprocess.run([*_peak_rss_reporter(), *argv], stdout=out, stderr=subprocess.STDOUT).returncode
         wall = time.perf_counter() - start
-    found = re.findall(r"Maximum resident set size \(kbytes\): (\d+)", log.read_text())
-    return returncode, int(found[-1]) * 1024 if found else 0, wall
+    rss_kib, user, system = (_last_report(log.read_text(), label) for label in REPORTED)
+    return Usage(returncode, int(rss_kib * 1024), wall, user + system)
+
+
+def _last_report(text: str, label: str) -> float:
+    found = re.findall(rf"{re.escape(label)}: ([\d.]+)", text)
+    return float(found[-1]) if found else float("nan")
 
 
 def _peak_rss_reporter() -> list[str]:
@@ -128,14 +148,16 @@ def bench_size(size_gb: float, methods: list[str], extra: list[str], workdir: Pa
         output = workdir / f"out-{size_gb:g}gb-{name}"
         argv = METHODS[name].argv(checkpoint, output, shape.num_local_experts // 2, extra)
         log = workdir / f"log-{size_gb:g}gb-{name}.txt"
-        returncode, rss, wall = measure(argv, log)
-        if name == "cp" and returncode == 0:
-            cp_wall = wall
-        status = "ok" if returncode == 0 else f"FAILED (exit {returncode}); log tail:\n{_tail(log)}"
-        print(f"  {name:<11} {_size(rss):>10}  {wall:7.1f} s  {status}", flush=True)
+        usage = measure(argv, log)
+        if name == "cp" and usage.returncode == 0:
+            cp_wall = usage.wall_s
+        status = "ok" if usage.returncode == 0 else f"FAILED (exit {usage.returncode}); log tail:\n{_tail(log)}"
+        print(f"  {name:<11} {_size(usage.peak_rss_bytes):>10}  {usage.wall_s:7.1f} s wall  {usage.cpu_s:7.1f} s CPU  "
+              f"{status}", flush=True)
         if not keep:
             shutil.rmtree(output, ignore_errors=True)
-        yield Measurement(size_gb, total, name, shlex.join(argv), returncode, rss, wall, rss / total, wall / cp_wall)
+        yield Measurement(size_gb, total, name, shlex.join(argv), **asdict(usage),
+                          rss_over_checkpoint=usage.peak_rss_bytes / total, wall_over_cp=usage.wall_s / cp_wall)
     if not keep:
         shutil.rmtree(checkpoint)
 
@@ -149,12 +171,12 @@ def _tail(log: Path, lines: int = 8) -> str:
 
 
 def markdown_table(rows: list[Measurement]) -> str:
-    lines = ["| size | method | peak RSS | wall time | peak RSS / checkpoint | wall time / cp |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| size | method | peak RSS | wall time | CPU time | peak RSS / checkpoint | wall time / cp |",
+             "|---|---|---|---|---|---|---|"]
     for row in rows:
         failed = "" if row.returncode == 0 else f" (FAILED, exit {row.returncode})"
         lines.append(f"| {row.size_gb:g} GB ({row.checkpoint_bytes / 1e9:.2f}) | {row.method}{failed} "
-                     f"| {_size(row.peak_rss_bytes)} | {row.wall_s:.1f} s | {row.rss_over_checkpoint:.2f} "
+                     f"| {_size(row.peak_rss_bytes)} | {row.wall_s:.1f} s | {row.cpu_s:.1f} s | {row.rss_over_checkpoint:.2f} "
                      f"| {row.wall_over_cp:.1f} |")
     return "\n".join(lines)
 

@@ -23,18 +23,17 @@ def reporter(request, tmp_path, monkeypatch):
 
 
 def test_measure_reports_the_childs_peak_rss_and_exit_code(tmp_path, reporter):
-    returncode, rss, wall = streaming_memory.measure(ALLOCATE_300_MIB, tmp_path / "log.txt")
-    assert returncode == 3
-    assert 300 << 20 <= rss < 1 << 30
-    assert wall > 0
-    small_returncode, small_rss, _ = streaming_memory.measure([sys.executable, "-c", "pass"], tmp_path / "log.txt")
-    assert small_returncode == 0 and small_rss < 200 << 20  # neither the earlier child's peak nor pytest's RSS
+    usage = streaming_memory.measure(ALLOCATE_300_MIB, tmp_path / "log.txt")
+    assert usage.returncode == 3
+    assert 300 << 20 <= usage.peak_rss_bytes < 1 << 30
+    assert 0 < usage.cpu_s and 0 < usage.wall_s
+    small = streaming_memory.measure([sys.executable, "-c", "pass"], tmp_path / "log.txt")
+    assert small.returncode == 0 and small.peak_rss_bytes < 200 << 20  # neither the earlier child's peak nor pytest's
 
 
 def test_a_killed_child_reads_as_failed(tmp_path, reporter):
     kill_self = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]
-    returncode, _, _ = streaming_memory.measure(kill_self, tmp_path / "log.txt")
-    assert returncode == 137  # as GNU time and the shell report an out-of-memory kill
+    assert streaming_memory.measure(kill_self, tmp_path / "log.txt").returncode == 137  # as GNU time and the shell report an out-of-memory kill
 
 
 @pytest.mark.parametrize("name", sorted(set(streaming_memory.METHODS) - {"cp"}))
