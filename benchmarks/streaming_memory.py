@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from benchmarks.synthetic_checkpoint import shape_for_bytes, write_synthetic_mixtral
+from hf_moeprune.commands import build_parser
 
 GNU_TIME = Path("/usr/bin/time")
 # the lines of `/usr/bin/time -v` read back; the fallback wrapper prints the same ones
@@ -44,8 +45,8 @@ print(f"User time (seconds): {usage.ru_utime:.2f}\\nSystem time (seconds): {usag
 sys.exit(code if code >= 0 else 128 - code)
 """
 CLI = [sys.executable, "-m", "hf_moeprune.cli"]
-# Disk needed per size: the checkpoint and one full copy of it (by `cp`; every reduced output is smaller).
-DISK_FACTOR, DISK_HEADROOM = 2.05, 1 << 30
+DISK_HEADROOM = 1 << 30
+REDUCED_SHARE = 0.6  # of the checkpoint's bytes in one output: half the experts, plus attention and embeddings
 
 
 @dataclass(frozen=True)
@@ -124,12 +125,31 @@ def _peak_rss_reporter() -> list[str]:
     return [sys.executable, "-S", "-c", RSS_WRAPPER]
 
 
-def check_disk(workdir: Path, sizes: list[float]) -> None:
-    needed = DISK_FACTOR * max(sizes) * 1e9 + DISK_HEADROOM
+def check_disk(workdir: Path, sizes: list[float], methods: list[str], keep: bool) -> None:
+    """Sizes run one after another, each deleted before the next: the checkpoint and its copy by `cp` (bigger
+    than any reduced output) at a time, or with `--keep` every checkpoint with all its outputs."""
+    if keep:
+        needed = sum(sizes) * 1e9 * (2 + REDUCED_SHARE * (len(methods) - 1))
+    else:
+        needed = max(sizes) * 1e9 * 2
+    needed += DISK_HEADROOM
     free = shutil.disk_usage(workdir).free
     if free < needed:
-        raise SystemExit(f"error: {workdir} has {free / 2**30:.1f} GiB free, the {max(sizes):g} GB run needs "
-                         f"{needed / 2**30:.1f} GiB (checkpoint + one copy); free space or pass --workdir.")
+        raise SystemExit(f"error: {workdir} has {free / 2**30:.1f} GiB free, the benchmark needs "
+                         f"{needed / 2**30:.1f} GiB; free space, pass --workdir on a bigger disk, or drop --keep.")
+
+
+def check_extra_args(methods: list[str], extra: list[str]) -> None:
+    """Flags the CLI would refuse fail here, in its own words, not once per run after a checkpoint is written."""
+    for name in methods:
+        argv = METHODS[name].argv(Path("checkpoint"), Path("output"), 1, extra)
+        if argv[: len(CLI)] != CLI:
+            continue
+        try:
+            build_parser("hf-moeprune").parse_args(argv[len(CLI):])
+        except SystemExit:
+            raise SystemExit(f"error: --extra-args {shlex.join(extra)!r}: `hf-moeprune {argv[len(CLI)]}` refuses "
+                             "them (message above).") from None
 
 
 def bench_size(size_gb: float, methods: list[str], extra: list[str], workdir: Path, shard_gb: float,
@@ -185,8 +205,9 @@ def _machine() -> dict:
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parent).stdout.strip()
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    reporter = "/usr/bin/time -v" if GNU_TIME.is_file() else "getrusage(RUSAGE_CHILDREN) wrapper"
     return {"host": platform.node(), "cpus": os.cpu_count(), "memory_bytes": memory, "python": sys.version.split()[0],
-            "git_commit": commit, "load_average_at_start": os.getloadavg(), "rss_from": "/usr/bin/time -v" if GNU_TIME.is_file() else "getrusage(RUSAGE_CHILDREN) wrapper"}
+            "git_commit": commit, "load_average_at_start": os.getloadavg(), "rss_from": reporter}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -205,8 +226,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.sizes = [float(size) for size in args.sizes.split(",")]
     except ValueError:
         parser.error(f"--sizes expects numbers of GB separated by commas, e.g. 0.5,3; got {args.sizes!r}.")
-    if min(args.sizes) <= 0:
-        parser.error("--sizes must all be positive.")
+    for size in args.sizes:
+        try:
+            shape_for_bytes(size * 1e9)
+        except ValueError as error:
+            parser.error(f"--sizes {size:g}: {error}")
     args.methods = args.methods.split(",")
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:
@@ -223,9 +247,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    for size in args.sizes:
-        shape_for_bytes(size * 1e9)  # a size too small fails here, before anything is written
-    check_disk(args.workdir, args.sizes)
+    check_extra_args(args.methods, args.extra_args)
+    check_disk(args.workdir, args.sizes, args.methods, args.keep)
     workdir = Path(tempfile.mkdtemp(prefix="moeprune-streaming-bench-", dir=args.workdir))
     machine, rows = _machine(), []
     try:

@@ -102,6 +102,8 @@ def shape_for_bytes(target_bytes: float, num_experts: int = 8) -> MixtralShape:
     layer stays a small fraction of the checkpoint; hidden size follows from the per-layer budget (a multiple
     of 256) and the expert width fills what is left of it (a multiple of 64).
     """
+    if target_bytes <= 0:
+        raise ValueError(f"the checkpoint size must be positive, got {target_bytes:g} bytes.")
     vocab = tokenizer_vocab_size()
     params = target_bytes / BYTES_PER_PARAM
     layers = min(32, max(2, round(10 * (target_bytes / 1e9) ** (1 / 3))))

@@ -52,3 +52,15 @@ def test_bad_arguments_are_refused_before_any_work(capsys):
     with pytest.raises(SystemExit):
         streaming_memory.parse_args(["--sizes", "0.5,big"])
     assert "--sizes expects numbers" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        streaming_memory.parse_args(["--sizes", "-1"])
+    assert "must be positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--extra-args '--no-such-flag'"):
+        streaming_memory.check_extra_args(["cp", "stun"], ["--no-such-flag"])
+    streaming_memory.check_extra_args(["cp", "stun", "uncurl"], ["--seed", "3"])
+
+
+def test_disk_check_refuses_before_writing(tmp_path):
+    with pytest.raises(SystemExit, match="GiB free"):
+        streaming_memory.check_disk(tmp_path, [1e6], ["cp", "stun"], keep=False)
+    streaming_memory.check_disk(tmp_path, [0.001], ["cp", "stun"], keep=True)
