@@ -51,26 +51,31 @@ REDUCED_SHARE = 0.6  # of the checkpoint's bytes in one output: half the experts
 
 @dataclass(frozen=True)
 class Method:
-    """One timed command: `argv(checkpoint, output, half_experts)` with the CLI's own flags."""
+    """One timed command, with {model}, {output} and {half} (half the experts) filled in per checkpoint."""
 
     name: str
-    cli_args: tuple[str, ...]  # empty for `cp`
+    template: tuple[str, ...]
+    takes_extra_args: bool = True  # the reduction commands, which the streaming flags are for
 
     def argv(self, checkpoint: Path, output: Path, half_experts: int, extra: list[str]) -> list[str]:
-        if not self.cli_args:
-            return ["cp", "-r", str(checkpoint), str(output)]
-        args = [arg.replace("{half}", str(half_experts)) for arg in self.cli_args]
-        return [*CLI, args[0], "--model", str(checkpoint), *args[1:], "--output", str(output), "--overwrite", *extra]
+        fill = {"{model}": str(checkpoint), "{output}": str(output), "{half}": str(half_experts)}
+        return [fill.get(arg, arg) for arg in self.template] + (extra if self.takes_extra_args else [])
+
+
+def _reduce(command: str, *method_args: str) -> tuple[str, ...]:
+    return (*CLI, command, "--model", "{model}", *method_args, "--output", "{output}", "--overwrite")
 
 
 METHODS = {
     method.name: method
     for method in (
-        Method("cp", ()),
-        Method("frequency", ("prune", "--method", "frequency", "--experts-per-layer", "{half}")),
-        Method("stun", ("prune", "--method", "stun", "--expert-sparsity", "0.5")),
-        Method("stun+owl40", ("prune", "--method", "stun", "--expert-sparsity", "0.5", "--weight-sparsity", "0.4")),
-        Method("uncurl", ("merge", "--method", "uncurl", "--experts-per-layer", "{half}")),
+        Method("cp", ("cp", "-r", "{model}", "{output}"), takes_extra_args=False),
+        # the floor under every CLI row: Python, torch and transformers imported, config read, no weights
+        Method("inspect", (*CLI, "inspect", "{model}"), takes_extra_args=False),
+        Method("frequency", _reduce("prune", "--method", "frequency", "--experts-per-layer", "{half}")),
+        Method("stun", _reduce("prune", "--method", "stun", "--expert-sparsity", "0.5")),
+        Method("stun+owl40", _reduce("prune", "--method", "stun", "--expert-sparsity", "0.5", "--weight-sparsity", "0.4")),
+        Method("uncurl", _reduce("merge", "--method", "uncurl", "--experts-per-layer", "{half}")),
     )
 }
 
@@ -142,9 +147,9 @@ def check_disk(workdir: Path, sizes: list[float], methods: list[str], keep: bool
 def check_extra_args(methods: list[str], extra: list[str]) -> None:
     """Flags the CLI would refuse fail here, in its own words, not once per run after a checkpoint is written."""
     for name in methods:
-        argv = METHODS[name].argv(Path("checkpoint"), Path("output"), 1, extra)
-        if argv[: len(CLI)] != CLI:
+        if not METHODS[name].takes_extra_args:
             continue
+        argv = METHODS[name].argv(Path("checkpoint"), Path("output"), 1, extra)
         try:
             build_parser("hf-moeprune").parse_args(argv[len(CLI):])
         except SystemExit:

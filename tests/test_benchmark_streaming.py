@@ -36,13 +36,21 @@ def test_a_killed_child_reads_as_failed(tmp_path, reporter):
     assert streaming_memory.measure(kill_self, tmp_path / "log.txt").returncode == 137  # as GNU time and the shell report an out-of-memory kill
 
 
-@pytest.mark.parametrize("name", sorted(set(streaming_memory.METHODS) - {"cp"}))
+@pytest.mark.parametrize("name", sorted(set(streaming_memory.METHODS) - {"cp", "inspect"}))
 def test_every_method_is_a_valid_cli_call(tmp_path, name):
     argv = streaming_memory.METHODS[name].argv(tmp_path / "in", tmp_path / "out", 4, ["--seed", "7"])
     assert argv[: len(streaming_memory.CLI)] == streaming_memory.CLI
     args = build_parser("hf-moeprune").parse_args(argv[len(streaming_memory.CLI):])
     assert (args.model, args.output, args.overwrite, args.seed) == (str(tmp_path / "in"), str(tmp_path / "out"), True, 7)
     assert args.experts_per_layer == 4 or args.expert_sparsity == 0.5
+
+
+def test_reference_commands_get_no_extra_args(tmp_path):
+    cp = streaming_memory.METHODS["cp"].argv(tmp_path / "in", tmp_path / "out", 4, ["--streaming"])
+    assert cp == ["cp", "-r", str(tmp_path / "in"), str(tmp_path / "out")]
+    inspect = streaming_memory.METHODS["inspect"].argv(tmp_path / "in", tmp_path / "out", 4, ["--streaming"])
+    args = build_parser("hf-moeprune").parse_args(inspect[len(streaming_memory.CLI):])
+    assert args.model == str(tmp_path / "in")
 
 
 def test_bad_arguments_are_refused_before_any_work(capsys):
