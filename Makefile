@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test test-quick lint bench mutate
+.PHONY: install demo test test-quick lint bench bench-streaming mutate
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -24,7 +24,7 @@ test-quick:
 	$(PY) -m pytest -q -m "not slow"
 
 lint:
-	$(VENV)/bin/ruff check hf_moeprune tests examples
+	$(VENV)/bin/ruff check hf_moeprune tests examples benchmarks
 
 bench:
 	$(PY) examples/bench_calibration_overhead.py
@@ -35,3 +35,10 @@ MUTANTS ?=
 mutate: install
 	$(VENV)/bin/mutmut run $(MUTANTS)
 	$(VENV)/bin/mutmut results
+
+# Peak RSS and wall time of frequency, STUN, STUN + OWL and UNCURL on generated 0.5-30 GB Mixtral checkpoints
+# (issue 15; needs about 63 GB of free disk for 30 GB). E.g. make bench-streaming SIZES=0.5 EXTRA="--streaming"
+SIZES ?= 0.5,3,6,30
+EXTRA ?=
+bench-streaming:
+	$(PY) -m benchmarks.streaming_memory --sizes $(SIZES) --extra-args="$(EXTRA)" --json benchmarks/results/streaming_memory.json

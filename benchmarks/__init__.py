@@ -1,0 +1,1 @@
+"""Benchmark scripts: they print figures and write JSON, they assert nothing (targets are in each docstring)."""
