@@ -27,7 +27,7 @@ lint:
 	$(VENV)/bin/ruff check hf_moeprune tests examples benchmarks
 
 bench:
-	$(PY) examples/bench_calibration_overhead.py
+	$(PY) benchmarks/bench_calibration_overhead.py
 
 # Mutation testing (mutmut, configured in pyproject.toml) of methods/, surgery.py, calibration/ and evaluate/ against
 # the tests that exercise them; not part of CI (hours on 2 cores). A subset: make mutate MUTANTS='hf_moeprune.surgery.*'

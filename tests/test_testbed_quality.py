@@ -5,7 +5,7 @@ The rule, on the fixed held-out slice (`testbed.report.slice_documents`), in log
 damage of random removal (mean of seeds 0-2, as in the testbed's own report), i.e.
 `ppl(m) <= ppl(unpruned) * (ppl(random) / ppl(unpruned)) ** 0.5`.
 
-Why one half: on the full held-out set (examples/results_pruning.md) the data-driven methods do 18-24% of
+Why one half: on the full held-out set (benchmarks/results_pruning.md) the data-driven methods do 18-24% of
 random's damage (naee 304.5, frequency 311.9, reap 312.6 against random 432.8 and unpruned 281.6), so one half
 leaves twice their measured damage as room for the small slice and the few calibration sequences used here,
 while a method that ranks backwards (keeps the least-used experts) does more damage than random and fails.

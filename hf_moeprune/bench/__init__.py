@@ -1,6 +1,6 @@
 """Speed and memory benchmarks of original vs reduced MoE checkpoints, expert-parallel across processes.
 
-Entry points: `hf-moeprune bench`, `python -m hf_moeprune.bench` (see `examples/bench.md`) and
+Entry points: `hf-moeprune bench`, `python -m hf_moeprune.bench` (see `benchmarks/bench.md`) and
 `python -m hf_moeprune.bench.sweep`. The public names load lazily so the CLI's help does not import torch.
 """
 

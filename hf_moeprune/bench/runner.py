@@ -192,7 +192,7 @@ def run_launch(args: BenchArgs) -> dict:
         log(
             "WARNING: --expert-parallel with ONE process, nothing is sharded. On CPU, `accelerate launch "
             "--num_processes N` without an mpirun hostfile starts a single process: use "
-            "`--config_file examples/accelerate_cpu_2proc.yaml` or torchrun (examples/bench.md)."
+            "`--config_file benchmarks/accelerate_cpu_2proc.yaml` or torchrun (benchmarks/bench.md)."
         )
     results = [benchmark_model(args, path, device) for path in [args.model, *args.compare]]
     return {

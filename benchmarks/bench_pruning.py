@@ -14,9 +14,9 @@ domain). Each run executes in a fresh subprocess, so its wall time, forward pass
 record) and peak resident memory (sampled during pruning) are its own.
 
 Usage:
-    python examples/bench_pruning.py --model hf_moeprune/testbed/checkpoints/mixtral-8e --suites sparse experts
-    python examples/bench_pruning.py --random-tiny --suites sparse experts      # smoke run, no testbed needed
-    python examples/bench_pruning.py --suites dense
+    python benchmarks/bench_pruning.py --model hf_moeprune/testbed/checkpoints/mixtral-8e --suites sparse experts
+    python benchmarks/bench_pruning.py --random-tiny --suites sparse experts      # smoke run, no testbed needed
+    python benchmarks/bench_pruning.py --suites dense
 The table is written to --output (markdown) with the command line that produced it, plus a JSON file.
 """
 
@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calib-sequences", type=int, default=32)
     parser.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens per domain")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--output", default=str(REPO / "examples/results_pruning.md"))
+    parser.add_argument("--output", default=str(REPO / "benchmarks/results_pruning.md"))
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.run_one:
@@ -444,7 +444,7 @@ def main(argv: list[str] | None = None) -> None:
         results.setdefault(label, []).append(result)
         print(json.dumps(result), flush=True)
 
-    command = "python examples/bench_pruning.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/bench_pruning.py " + " ".join(argv if argv is not None else sys.argv[1:])
     parts = [
         "# Pruning benchmark (issue #5)\n",
         f"Made with `{command}` (torch {torch.__version__}, {os.cpu_count()} CPU cores, CPU only).\n",

@@ -10,8 +10,8 @@ matrix, assignment solver, in-place permutation) on a two-expert fused Mixtral l
 Prints wall time and process CPU time (all threads); on a shared machine the wall time of the slower solver
 phases is inflated by other load, CPU time / threads is what the pair takes on dedicated cores.
 
-    python examples/bench_alignment_speed.py                 # both cases, defaults (sketch auto, solver auto)
-    python examples/bench_alignment_speed.py --sketch none   # exact float32 score matrix (5 TFLOP)
+    python benchmarks/bench_alignment_speed.py                 # both cases, defaults (sketch auto, solver auto)
+    python benchmarks/bench_alignment_speed.py --sketch none   # exact float32 score matrix (5 TFLOP)
 """
 
 from __future__ import annotations
