@@ -61,6 +61,19 @@ class MoELayer:
                     return value
         return 1
 
+    @property
+    def num_expert_groups(self) -> int:
+        """Expert groups of group-limited routing (the family's `expert_groups_key`, e.g. DeepSeek's `n_group`);
+        1 when the family routes without groups. Expert j belongs to group `j // (num_experts / groups)`."""
+        key = self.spec.expert_groups_key
+        if not key:
+            return 1
+        for module in (self.block, self.router, self.experts):
+            config = getattr(module, "config", None)
+            if config is not None:
+                return int(getattr(config, key, None) or 1)
+        return 1
+
     def router_tensors(self) -> dict[str, torch.Tensor]:
         """Router parameters and buffers with a leading expert axis (weight first)."""
         router = self.router

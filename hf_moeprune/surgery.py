@@ -80,9 +80,7 @@ def validate_layer_plan(layer: MoELayer, plan: LayerPlan, top_k: int | None = No
             f"{layer.path}: {plan.num_experts} experts is below the router's top-k of {effective_top_k}; "
             "set MoEPruneConfig(top_k=...) to lower top-k as well."
         )
-    groups_key = layer.spec.expert_groups_key
-    if groups_key:
-        validate_group_limited_plan(layer, plan, int(getattr(_model_config_of(layer), groups_key, None) or 1))
+    validate_group_limited_plan(layer, plan, layer.num_expert_groups)
 
 
 def validate_group_limited_plan(layer: MoELayer, plan: LayerPlan, num_groups: int) -> None:
@@ -116,14 +114,6 @@ def validate_group_limited_plan(layer: MoELayer, plan: LayerPlan, num_groups: in
             f"{layer.path}: group-limited routing scores each group by its top-2 experts; keep at least 2 "
             f"experts per group ({2 * num_groups} in this layer)."
         )
-
-
-def _model_config_of(layer: MoELayer):
-    for module in (layer.block, layer.router, layer.experts):
-        config = getattr(module, "config", None)
-        if config is not None:
-            return config
-    return None
 
 
 def _combine(tensor: torch.Tensor, groups: list[list[int]], weights: list[list[float]]) -> torch.Tensor:
