@@ -40,6 +40,7 @@ OPTION_CHOICES: dict[str, tuple] = {
     "alignment_solver": ("auto", "lapjv", "scipy"),
     "merge_weights": ("frequency", "prob-mass", "uniform"),
     "router_rows": ("weighted", "anchor"),
+    "router": ("folded", "tied"),
     "adaptive_by": ("redundancy", "frequency"),
 }
 FREE_OPTIONS = ("alignment_sketch", "alignment_tokens")
@@ -62,6 +63,7 @@ class ClusterMergeMethod(ExpertMethod):
         "alignment_tokens": 512,
         "merge_weights": "frequency",
         "router_rows": "weighted",
+        "router": "folded",
         "adaptive_by": "redundancy",
     }
 
@@ -187,6 +189,7 @@ class ClusterMergeMethod(ExpertMethod):
                 groups=groups,
                 weights=[self.merge_weights(stats, g) for g in groups],
                 router_rows=options["router_rows"],
+                tied_router=options["router"] == "tied",
             )
             self.details["layers"][layer.path] = entry
         return result
