@@ -30,6 +30,7 @@ METHOD_RECIPES = {
     "uncurl": dict(experts_per_layer=3, method_options={"alignment": "activations"}),
     "mc-smoe": dict(experts_per_layer=3),
     "hc-smoe": dict(experts_per_layer=3),
+    "hc-smoe-tied": dict(method="hc-smoe", experts_per_layer=3, method_options={"router": "tied"}),
     "wanda": dict(weight_sparsity=0.5),
     "owl": dict(weight_sparsity=0.5, method_options={"targets": ["experts", "attention"]}),
 }
