@@ -87,11 +87,14 @@ def test_tied_router_refuses_plans_that_drop_experts():
         model.apply_plan(_tied_plan(model, [[0, 1], [2, 3], [4]]))
 
 
-def test_tied_layer_is_not_reduced_again():
+@pytest.mark.parametrize("config", [
+    MoEPruneConfig(method="frequency", experts_per_layer=2), MoEPruneConfig(method="wanda", weight_sparsity=0.5),
+])
+def test_tied_layer_is_not_reduced_again(config):
     model = AutoMoEPruneModelForCausalLM.from_model(build_tiny_model("mixtral"))
     model.apply_plan(_tied_plan(model, [[0, 1], [2, 3], [4], [5]]))
-    with pytest.raises(ValueError, match=r"router='folded'"):
-        model.prune_experts(MoEPruneConfig(method="frequency", experts_per_layer=2), calibration=CALIB)
+    with pytest.raises(ValueError, match=r"'router': 'folded'"):
+        model.prune_experts(config, calibration=None)  # refused before calibration
 
 
 def test_tied_router_needs_top_k_indices():

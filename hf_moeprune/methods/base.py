@@ -126,9 +126,9 @@ class ExpertMethod:
                 f"Method {self.name!r} needs an expert target: experts_per_layer, expert_sparsity or num_experts_total."
             )
         tied = [layer.path for layer in layers if layer.expert_map is not None]
-        if tied and self.kind != "unstructured":
+        if tied:  # statistics and per-expert inputs would be indexed by router rows, not by experts
             raise ValueError(
-                f"{tied[0]} was merged with a tied router, so its experts cannot be reduced again; start from a "
+                f"{tied[0]} was merged with a tied router, so it cannot be reduced again; start from a "
                 "merge with method_options={'router': 'folded'} (the family's native architecture)."
             )
         grouped = [layer for layer in layers if layer.num_expert_groups > 1]
