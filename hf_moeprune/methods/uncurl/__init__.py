@@ -46,6 +46,8 @@ class Uncurl(ClusterMergeMethod):
         router (`str`, default `"folded"`): `"folded"` (one router row per merged expert, formed as
             `router_rows` says: the family's native architecture) or `"tied"` (all E router rows kept, each
             mapped to its merged expert, so routing is unchanged; loads through the record's expert map).
+            Folded is the default: on the 32-expert testbed held-out perplexity did not favour the tied router
+            (`examples/results_merging.md`, "Tied vs folded router").
         adaptive_by (`"redundancy"`): with `MoEPruneConfig(adaptive=True)`, per-layer counts follow how
             redundant each layer's experts are (merge heights of average-linkage clustering on 1 - S), or
             `"frequency"` (MC-SMoE's global dominant-expert count).
