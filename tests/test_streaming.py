@@ -101,6 +101,14 @@ def test_every_method_streams_to_the_in_memory_result(tmp_path, name):
     assert_same_checkpoint(in_memory(source, tmp_path / "memory", recipe(name)), tmp_path / "streamed")
 
 
+@pytest.mark.parametrize("method", ["frequency", "hc-smoe"])
+def test_group_limited_routing_streams_to_the_in_memory_result(tmp_path, method):
+    source = sharded_checkpoint(tmp_path / "in", "deepseek_v3", n_routed_experts=8, n_group=2, topk_group=1)
+    config = MoEPruneConfig(method=method, experts_per_layer=4)
+    reduce_checkpoint(source, tmp_path / "streamed", config, calibration=CALIB, progress=False)
+    assert_same_checkpoint(in_memory(source, tmp_path / "memory", config), tmp_path / "streamed")
+
+
 def test_fused_key_layout_streams_like_the_hub_layout(tmp_path):
     model = build_tiny_model("mixtral").to(torch.bfloat16)
     model.save_pretrained(tmp_path / "hub", max_shard_size="60KB")
