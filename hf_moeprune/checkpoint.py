@@ -1,7 +1,7 @@
 """Writing reduced checkpoints: atomically, with the record in `config.json`, loadable by transformers.
 
-A uniform result is saved as the family's own architecture. A non-uniform one additionally gets a per-layer
-`layout` in its record, the loader code beside the weights (`modeling_moeprune.py`) and an `auto_map`
+A uniform result is saved as the family's own architecture. A non-uniform one, or a merge with a tied router,
+additionally gets a per-layer `layout` in its record, the loader code beside the weights (`modeling_moeprune.py`) and an `auto_map`
 entry, so `trust_remote_code=True` loads it where hf_moeprune is not installed.
 """
 
@@ -26,7 +26,7 @@ from torch import nn
 
 from . import nonuniform
 from .moe_layers import MoELayer
-from .records import RECORD_KEY, is_uniform
+from .records import RECORD_KEY, is_uniform, needs_loader
 
 REMOTE_CODE_FILE = "modeling_moeprune.py"
 logger = logging.getLogger(__name__)
@@ -36,17 +36,28 @@ AUTO_CLASS_BY_TASK = {"causal-lm": "AutoModelForCausalLM", "seq2seq-lm": "AutoMo
 def layer_layout(layer: MoELayer) -> dict[str, Any]:
     """Everything `nonuniform.resize_moe_layers` needs to rebuild this layer at its current size."""
     spec = layer.spec
-    expert_tensors = [f"{spec.router}.{name}" for name in layer.router_tensors()]
+    tied = layer.expert_map is not None  # the router keeps its E rows; the experts are resized to E'
+    router_tensors = [f"{spec.router}.{name}" for name in layer.router_tensors()]
+    expert_tensors = [] if tied else list(router_tensors)
     if spec.expert_layout == "fused":
         expert_tensors += [f"{spec.experts}.{t.name}" for t in layer.expert_tensor_specs()]
+    pairs = [list(pair) for pair in layer.count_attribute_paths()]
+    tied_entries = {
+        "expert_map": layer.expert_map,
+        "router_rows": layer.num_router_rows,
+        "router_tensors": router_tensors,
+        "router_count_attributes": [pair for pair in pairs if pair[0] != spec.experts],
+    } if tied else {}
     return {
+        **tied_entries,
         "num_experts": layer.num_experts,
         "top_k": layer.top_k,
         "router": spec.router,
+        "experts": spec.experts,
         "expert_tensors": expert_tensors,
         "expert_modules": spec.experts if spec.expert_layout == "modules" else None,
         "expert_module_name": spec.expert_module_name,
-        "count_attributes": [list(pair) for pair in layer.count_attribute_paths()],
+        "count_attributes": [pair for pair in pairs if not tied or pair[0] == spec.experts],
         "top_k_attributes": [list(pair) for pair in layer.top_k_attribute_paths()],
     }
 
@@ -254,8 +265,9 @@ def save_checkpoint(
     config = model.config
     record = dict(record)
     record["uniform"] = is_uniform(record)
+    custom = needs_loader(record)
     previous_auto_map = getattr(config, "auto_map", None)
-    if record["uniform"]:
+    if not custom:
         record.pop("layout", None)
     else:
         record["layout"] = {layer.path: layer_layout(layer) for layer in layers}
@@ -268,7 +280,7 @@ def save_checkpoint(
 
     def write(folder: Path) -> None:
         setattr(config, RECORD_KEY, record)
-        if not record["uniform"] and portable:
+        if custom and portable:
             config.auto_map = {AUTO_CLASS_BY_TASK[task]: f"{REMOTE_CODE_FILE[:-3]}.{wrapper_name}"}
         try:
             if write_weights is None:
@@ -283,7 +295,7 @@ def save_checkpoint(
                 del config.auto_map
             elif previous_auto_map is not None:
                 config.auto_map = previous_auto_map
-        if not record["uniform"] and portable:
+        if custom and portable:
             (folder / REMOTE_CODE_FILE).write_text(remote_source)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)

@@ -25,7 +25,7 @@ from .models import register_models
 from .moe_layers import MoELayer, find_moe_layers
 from .pipeline.runner import StepReport, run_step
 from .pipeline.sources import InMemorySource
-from .records import RECORD_KEY, compose_layer, count_parameters, initial_record, is_uniform
+from .records import RECORD_KEY, compose_layer, count_parameters, initial_record, is_uniform, needs_loader
 from .surgery import ReductionPlan, apply_plan
 
 
@@ -265,7 +265,7 @@ class _AutoMoEPruneModel:
 
 def model_class_for_config(config: Any, task: str = "causal-lm") -> type:
     """The transformers class that loads a checkpoint with `config`: the family's own Auto class, subclassed to
-    build each MoE layer with its recorded expert count when the hf_moeprune record is non-uniform."""
+    build each MoE layer with its recorded expert count (and tied router map) when the record needs it."""
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     from .nonuniform import with_per_layer_experts
@@ -273,7 +273,7 @@ def model_class_for_config(config: Any, task: str = "causal-lm") -> type:
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSeq2SeqLM
     base = auto._model_mapping[type(config)]
     record = getattr(config, RECORD_KEY, None) or {}
-    if record.get("uniform", True):
+    if not needs_loader(record):
         return base
     return with_per_layer_experts(base)
 

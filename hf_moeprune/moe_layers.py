@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .families import ExpertTensor, FamilySpec
+from .nonuniform import EXPERT_MAP_ATTRIBUTE
 
 COUNT_ATTRIBUTES = ("num_experts", "num_local_experts", "n_routed_experts")
 TOP_K_ATTRIBUTES = ("top_k", "num_experts_per_tok")
@@ -49,7 +50,20 @@ class MoELayer:
         return f"{self.path}.{self.spec.experts}"
 
     @property
+    def expert_map(self) -> list[int] | None:
+        """For a tied router (a merge that kept all router rows): the merged expert each router row feeds."""
+        mapping = getattr(self.experts, EXPERT_MAP_ATTRIBUTE, None)
+        return None if mapping is None else mapping.tolist()
+
+    @property
     def num_experts(self) -> int:
+        mapping = self.expert_map
+        if mapping is not None:
+            return max(mapping) + 1
+        return int(self.router_tensors()["weight"].shape[0])
+
+    @property
+    def num_router_rows(self) -> int:
         return int(self.router_tensors()["weight"].shape[0])
 
     @property
@@ -59,6 +73,19 @@ class MoELayer:
                 value = getattr(module, attr, None)
                 if isinstance(value, int):
                     return value
+        return 1
+
+    @property
+    def num_expert_groups(self) -> int:
+        """Expert groups of group-limited routing (the family's `expert_groups_key`, e.g. DeepSeek's `n_group`);
+        1 when the family routes without groups. Expert j belongs to group `j // (num_experts / groups)`."""
+        key = self.spec.expert_groups_key
+        if not key:
+            return 1
+        for module in (self.block, self.router, self.experts):
+            config = getattr(module, "config", None)
+            if config is not None:
+                return int(getattr(config, key, None) or 1)
         return 1
 
     def router_tensors(self) -> dict[str, torch.Tensor]:
@@ -125,13 +152,15 @@ class MoELayer:
         if isinstance(router, nn.Linear):
             router.out_features = int(tensors["weight"].shape[0])
 
-    def set_counts(self, old_count: int, new_count: int, top_k: int | None = None) -> None:
-        """Update the count (and top-k) attributes that the block's modules read at forward time."""
-        for module in (self.block, self.router, self.experts):
+    def set_counts(self, old_count: int, new_count: int, top_k: int | None = None, router: bool = True) -> None:
+        """Update the count (and top-k) attributes that the block's modules read at forward time; with
+        `router=False` (a tied router keeps its rows) only the experts module's count changes."""
+        for module in (self.block, self.router, self.experts) if router else (self.experts,):
             for attr in COUNT_ATTRIBUTES:
                 if getattr(module, attr, None) == old_count:
                     setattr(module, attr, new_count)
-            if top_k is not None:
+        if top_k is not None:
+            for module in (self.block, self.router, self.experts):
                 for attr in TOP_K_ATTRIBUTES:
                     if isinstance(getattr(module, attr, None), int):
                         setattr(module, attr, top_k)

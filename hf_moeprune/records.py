@@ -1,7 +1,8 @@
 """The `moeprune` record kept in `config.json`: what was done, and the map from new to original experts.
 
 The record composes across steps (merge, then prune): `groups[j]` always lists indices of the ORIGINAL
-model's experts that new expert j came from, with `merge_weights[j]` their share.
+model's experts that new expert j came from, with `merge_weights[j]` their share. A layer merged with a tied
+router also has `router_rows`: the router kept that many rows (its experts map onto the merged ones).
 """
 
 from __future__ import annotations
@@ -70,11 +71,23 @@ def compose_layer(entry: dict[str, Any], plan: LayerPlan, top_k: int) -> dict[st
         originals = sorted(merged)
         new_groups.append(originals)
         new_weights.append([round(merged[o], 6) for o in originals])
-    return {**entry, "num_experts": len(plan.groups), "top_k": top_k, "groups": new_groups, "merge_weights": new_weights}
+    tied = {"router_rows": entry["num_experts"]} if plan.tied_router else {}
+    return {**entry, "num_experts": len(plan.groups), "top_k": top_k, "groups": new_groups,
+            "merge_weights": new_weights, **tied}
 
 
 def is_uniform(record: dict[str, Any]) -> bool:
     return len({entry["num_experts"] for entry in record["layers"].values()}) <= 1
+
+
+def has_tied_router(record: dict[str, Any]) -> bool:
+    return any("router_rows" in entry for entry in record.get("layers", {}).values())
+
+
+def needs_loader(record: dict[str, Any]) -> bool:
+    """Whether the checkpoint needs the per-layer loader (`nonuniform.py`): its family's own class builds
+    one expert count and as many router rows as experts."""
+    return not record.get("uniform", True) or has_tied_router(record)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 
 from .moe_layers import MoELayer
+from .nonuniform import tie_router
 
 
 @dataclass
@@ -25,11 +26,15 @@ class LayerPlan:
         weights: Merge weights per group (normalised to sum to 1 when applied). None means equal weights.
         router_rows: How a merged expert's router row (and router biases) are formed: `"weighted"` (the
             merge-weighted average of the members' rows) or `"anchor"` (the first member's row).
+        tied_router: Keep all E router rows instead (routing unchanged) and send each row's tokens to the
+            merged expert of its group; the groups must then cover every expert. The result is no longer the
+            family's native architecture: it loads through the record's expert map (`nonuniform.tie_router`).
     """
 
     groups: list[list[int]]
     weights: list[list[float]] | None = None
     router_rows: Literal["weighted", "anchor"] = "weighted"
+    tied_router: bool = False
 
     @classmethod
     def keep(cls, indices: Sequence[int]) -> LayerPlan:
@@ -74,15 +79,28 @@ def validate_layer_plan(layer: MoELayer, plan: LayerPlan, top_k: int | None = No
             if index in seen:
                 raise ValueError(f"{layer.path}: expert {index} appears in more than one group.")
             seen.add(index)
+    if layer.expert_map is not None:
+        raise ValueError(
+            f"{layer.path} was merged with a tied router; reduce it again from a merge with "
+            "router='folded' (the family's native architecture)."
+        )
+    if plan.tied_router:
+        if len(seen) != layer.num_experts:
+            missing = sorted(set(range(layer.num_experts)) - seen)
+            raise ValueError(f"{layer.path}: a tied router maps every expert, but the plan leaves out {missing}.")
+        if layer.spec.routing_format != "topk_index":
+            raise ValueError(
+                f"{layer.path}: family {layer.spec.name!r} does not pass top-k indices to its experts, so a tied "
+                "router cannot be mapped; use router='folded'."
+            )
     effective_top_k = top_k if top_k is not None else layer.top_k
     if plan.num_experts < effective_top_k:
         raise ValueError(
             f"{layer.path}: {plan.num_experts} experts is below the router's top-k of {effective_top_k}; "
             "set MoEPruneConfig(top_k=...) to lower top-k as well."
         )
-    groups_key = layer.spec.expert_groups_key
-    if groups_key:
-        validate_group_limited_plan(layer, plan, int(getattr(_model_config_of(layer), groups_key, None) or 1))
+    if not plan.tied_router:  # a tied router keeps its rows, so the groups it routes through stay as they are
+        validate_group_limited_plan(layer, plan, layer.num_expert_groups)
 
 
 def validate_group_limited_plan(layer: MoELayer, plan: LayerPlan, num_groups: int) -> None:
@@ -118,14 +136,6 @@ def validate_group_limited_plan(layer: MoELayer, plan: LayerPlan, num_groups: in
         )
 
 
-def _model_config_of(layer: MoELayer):
-    for module in (layer.block, layer.router, layer.experts):
-        config = getattr(module, "config", None)
-        if config is not None:
-            return config
-    return None
-
-
 def _combine(tensor: torch.Tensor, groups: list[list[int]], weights: list[list[float]]) -> torch.Tensor:
     """New `[E', ...]` tensor whose row j is the weighted sum of `tensor`'s rows in group j (in float32)."""
     rows = []
@@ -146,9 +156,13 @@ def apply_layer_plan(layer: MoELayer, plan: LayerPlan, top_k: int | None = None)
     old_count = layer.num_experts
     weights = plan.normalised_weights()
     new_experts = {name: _combine(t, plan.groups, weights) for name, t in layer.expert_tensors().items()}
+    layer.set_expert_tensors(new_experts)
+    if plan.tied_router:
+        layer.set_counts(old_count, plan.num_experts, top_k, router=False)
+        tie_router(layer.experts, [owner for _, owner in sorted((e, j) for j, g in enumerate(plan.groups) for e in g)])
+        return
     router_weights = weights if plan.router_rows == "weighted" else [[1.0] + [0.0] * (len(g) - 1) for g in plan.groups]
     new_router = {name: _combine(t, plan.groups, router_weights) for name, t in layer.router_tensors().items()}
-    layer.set_expert_tensors(new_experts)
     layer.set_router_tensors(new_router)
     layer.set_counts(old_count, plan.num_experts, top_k)
 

@@ -1,4 +1,5 @@
-"""DeepSeek-style group-limited routing: plans keep every expert in its own group, equal groups, or are refused."""
+"""DeepSeek-style group-limited routing: plans keep every expert in its own group, equal groups, or are refused;
+the methods budget per group (or refuse before any calibration)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import pytest
 import torch
 from conftest import build_tiny_model
 
-from hf_moeprune import AutoMoEPruneModelForCausalLM, LayerPlan, ReductionPlan
+from hf_moeprune import AutoMoEPruneModelForCausalLM, LayerPlan, MoEPruneConfig, ReductionPlan
+from hf_moeprune.methods import get_method
+from hf_moeprune.methods.targets import expert_groups, keep_per_group
 
 # 8 experts in 2 groups of 4: group 0 = experts 0-3, group 1 = experts 4-7; each token picks 1 group.
 GROUPED = dict(n_routed_experts=8, n_group=2, topk_group=1)
@@ -62,3 +65,55 @@ def test_merges_inside_groups_are_accepted(model):
 def test_group_needs_two_experts(model):
     with pytest.raises(ValueError, match=r"at least 2 experts per group"):
         model.apply_plan(_plan(model, [[0], [4]]))
+
+
+# --- methods budget per group ---------------------------------------------------------------------------------
+
+CALIB = torch.randint(3, 90, (4, 16), generator=torch.Generator().manual_seed(0))
+GROUP_AWARE = ["frequency", "random", "uncurl", "mc-smoe", "hc-smoe"]
+
+
+def _reduce(model, config: MoEPruneConfig):
+    if get_method(config.method).kind == "merge":
+        return model.merge_experts(config, calibration=CALIB)
+    return model.prune_experts(config, calibration=CALIB)
+
+
+def test_keep_per_group_takes_the_best_of_each_group(model):
+    layer = model.moe_layers()[0]
+    assert keep_per_group(layer, [7, 6, 5, 4, 0, 3, 1, 2], 4) == [0, 3, 6, 7]  # a global top-4 would be 4-7
+    assert expert_groups(layer) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+@pytest.mark.parametrize("method", GROUP_AWARE)
+def test_group_aware_methods_keep_equal_groups_and_reload(model, method, tmp_path):
+    _silence(model, [4, 5, 6])  # group 1 is never chosen: a global ranking would drop all of it
+    _reduce(model, MoEPruneConfig(method=method, experts_per_layer=4))
+    for path, entry in model.record["layers"].items():
+        owners = [sorted({index // 4 for index in group}) for group in entry["groups"]]
+        assert owners == [[0], [0], [1], [1]], (path, entry["groups"])
+    ids = torch.randint(3, 90, (2, 12))
+    logits = model(ids).logits
+    assert torch.isfinite(logits).all()
+    model.save_pretrained(tmp_path / "out")
+    reloaded = AutoMoEPruneModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert [layer.num_experts for layer in reloaded.moe_layers()] == [4, 4]
+    torch.testing.assert_close(reloaded(ids).logits, logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["reap", "naee", "stun"])
+def test_methods_without_group_budgets_refuse_before_calibration(model, method):
+    with pytest.raises(ValueError, match=r"n_group=2: experts 0-3, 4-7"):
+        model.prune_experts(MoEPruneConfig(method=method, experts_per_layer=4), calibration=None)
+
+
+@pytest.mark.parametrize("count, message", [(5, r"multiple of 2 experts"), (2, r"at least 4")])
+def test_counts_that_cannot_split_evenly_are_refused(model, count, message):
+    with pytest.raises(ValueError, match=message):
+        model.prune_experts(MoEPruneConfig(method="frequency", experts_per_layer=count), calibration=None)
+
+
+@pytest.mark.parametrize("method", ["frequency", "mc-smoe"])
+def test_non_uniform_counts_are_refused_naming_the_groups(model, method):
+    with pytest.raises(ValueError, match=r"n_group=2: experts 0-3, 4-7\); use uniform counts"):
+        _reduce(model, MoEPruneConfig(method=method, expert_sparsity=0.5, adaptive=True))

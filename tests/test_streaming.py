@@ -30,6 +30,7 @@ METHOD_RECIPES = {
     "uncurl": dict(experts_per_layer=3, method_options={"alignment": "activations"}),
     "mc-smoe": dict(experts_per_layer=3),
     "hc-smoe": dict(experts_per_layer=3),
+    "hc-smoe-tied": dict(method="hc-smoe", experts_per_layer=3, method_options={"router": "tied"}),
     "wanda": dict(weight_sparsity=0.5),
     "owl": dict(weight_sparsity=0.5, method_options={"targets": ["experts", "attention"]}),
 }
@@ -98,6 +99,14 @@ def test_every_method_streams_to_the_in_memory_result(tmp_path, name):
     source = sharded_checkpoint(tmp_path / "in", num_hidden_layers=3)
     reduce_checkpoint(source, tmp_path / "streamed", recipe(name), calibration=CALIB, progress=False)
     assert_same_checkpoint(in_memory(source, tmp_path / "memory", recipe(name)), tmp_path / "streamed")
+
+
+@pytest.mark.parametrize("method", ["frequency", "hc-smoe"])
+def test_group_limited_routing_streams_to_the_in_memory_result(tmp_path, method):
+    source = sharded_checkpoint(tmp_path / "in", "deepseek_v3", n_routed_experts=8, n_group=2, topk_group=1)
+    config = MoEPruneConfig(method=method, experts_per_layer=4)
+    reduce_checkpoint(source, tmp_path / "streamed", config, calibration=CALIB, progress=False)
+    assert_same_checkpoint(in_memory(source, tmp_path / "memory", config), tmp_path / "streamed")
 
 
 def test_fused_key_layout_streams_like_the_hub_layout(tmp_path):

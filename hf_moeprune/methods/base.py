@@ -22,6 +22,7 @@ from ..config import MoEPruneConfig
 from ..moe_layers import MoELayer
 from ..surgery import LayerPlan
 from .options import NoOptions, normalised, parse_options
+from .targets import describe_groups
 
 if TYPE_CHECKING:
     from torch import nn
@@ -78,6 +79,9 @@ class ExpertMethod:
         Options: dataclass of the method's `method_options`; parsed into `self.opts` when the method is built,
             so unknown keys and wrong types fail before any weights are read.
         details: What the method records about its decisions (written into the checkpoint's record).
+        group_aware: True when the method's plans keep the expert groups of group-limited routing equal
+            (`targets.keep_per_group`, clusters inside one group); expert methods without it refuse such
+            models before any calibration, since the surgery would refuse their plans only afterwards.
     """
 
     name: ClassVar[str]
@@ -85,6 +89,7 @@ class ExpertMethod:
     paper: ClassVar[str | None] = None
     kind: ClassVar[Literal["prune", "merge", "unstructured"]] = "prune"
     unstructured_phase: ClassVar[bool] = False
+    group_aware: ClassVar[bool] = False
     Options: ClassVar[type | None] = NoOptions
 
     def __init__(self, config: MoEPruneConfig) -> None:
@@ -119,6 +124,21 @@ class ExpertMethod:
         if self.kind != "unstructured" and not self.config.has_expert_target:
             raise ValueError(
                 f"Method {self.name!r} needs an expert target: experts_per_layer, expert_sparsity or num_experts_total."
+            )
+        tied = [layer.path for layer in layers if layer.expert_map is not None]
+        if tied:  # statistics and per-expert inputs would be indexed by router rows, not by experts
+            raise ValueError(
+                f"{tied[0]} was merged with a tied router, so it cannot be reduced again; start from a "
+                "merge with method_options={'router': 'folded'} (the family's native architecture)."
+            )
+        grouped = [layer for layer in layers if layer.num_expert_groups > 1]
+        if grouped and self.kind != "unstructured" and not self.group_aware:
+            from .registry import registered_methods  # the registry imports this module
+
+            aware = sorted(name for name, cls in registered_methods().items() if cls.group_aware)
+            raise ValueError(
+                f"Method {self.name!r} does not keep the expert groups of group-limited routing equal "
+                f"({grouped[0].path}, {describe_groups(grouped[0])}); use one of {', '.join(aware)}."
             )
 
     def linear_targets(self, unit: Unit) -> dict[str, nn.Linear]:

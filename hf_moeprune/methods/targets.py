@@ -1,6 +1,13 @@
-"""Turning a recipe's expert target into per-layer counts, with the checks that must fail early."""
+"""Turning a recipe's expert target into per-layer counts, with the checks that must fail early.
+
+Group-limited routing (DeepSeek-V2/V3, GLM-4.5-MoE: the family spec's `expert_groups_key`) reads expert j
+of E as a member of group `j // (E / G)`, so a layer's budget is split per group: every group keeps
+`count / G` of its own experts (`keep_per_group`, `expert_groups`), or the target is refused here.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from ..config import MoEPruneConfig
 from ..moe_layers import MoELayer
@@ -8,6 +15,30 @@ from ..moe_layers import MoELayer
 
 def effective_top_k(layer: MoELayer, config: MoEPruneConfig) -> int:
     return config.top_k if config.top_k is not None else layer.top_k
+
+
+def expert_groups(layer: MoELayer) -> list[list[int]]:
+    """The experts of each routing group in group order (one group of every expert without group routing)."""
+    size = layer.num_experts // layer.num_expert_groups
+    return [list(range(start, start + size)) for start in range(0, layer.num_experts, size)]
+
+
+def describe_groups(layer: MoELayer) -> str:
+    """E.g. `n_group=2: experts 0-3, 4-7`, for error messages."""
+    spans = ", ".join(f"{members[0]}-{members[-1]}" for members in expert_groups(layer))
+    return f"{layer.spec.expert_groups_key}={layer.num_expert_groups}: experts {spans}"
+
+
+def keep_per_group(layer: MoELayer, ranked: Sequence[int], count: int) -> list[int]:
+    """The best `count` experts of `ranked` (best first) under group-limited routing: the best `count / G`
+    of each group, so every group keeps the same number of its own experts. Without groups: `ranked[:count]`."""
+    groups = expert_groups(layer)
+    share = count // len(groups)
+    keep: list[int] = []
+    for members in groups:
+        inside = set(members)
+        keep += [int(e) for e in ranked if e in inside][:share]
+    return sorted(keep)
 
 
 def check_layer_count(layer: MoELayer, count: int, config: MoEPruneConfig) -> None:
@@ -25,6 +56,13 @@ def check_layer_count(layer: MoELayer, count: int, config: MoEPruneConfig) -> No
         )
     if config.top_k is not None and config.top_k > layer.top_k:
         raise ValueError(f"top_k={config.top_k} is above the model's top-k of {layer.top_k}; it can only be lowered.")
+    groups = layer.num_expert_groups
+    if groups > 1 and (count % groups or count // groups < 2):
+        # each group is scored by its top-2 experts, so a group needs two of them
+        raise ValueError(
+            f"Target of {count} experts in {layer.path} cannot keep its expert groups equal "
+            f"({describe_groups(layer)}); keep a multiple of {groups} experts, at least {2 * groups}."
+        )
 
 
 def uniform_counts(layers: list[MoELayer], config: MoEPruneConfig) -> dict[str, int]:
@@ -46,6 +84,12 @@ def uniform_counts(layers: list[MoELayer], config: MoEPruneConfig) -> dict[str, 
 
 def total_budget(layers: list[MoELayer], config: MoEPruneConfig) -> int:
     """Experts kept over all layers, for methods that spread the budget unevenly."""
+    grouped = [layer for layer in layers if layer.num_expert_groups > 1]
+    if grouped:
+        raise ValueError(
+            f"Non-uniform per-layer counts would not keep the expert groups of group-limited routing equal "
+            f"({grouped[0].path}, {describe_groups(grouped[0])}); use uniform counts (adaptive=False, uniform=True)."
+        )
     total = sum(layer.num_experts for layer in layers)
     if config.num_experts_total is not None:
         kept = config.num_experts_total

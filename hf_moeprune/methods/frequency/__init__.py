@@ -3,7 +3,8 @@
 The naive baseline that UNCURL, MC-SMoE and STUN compare against. Per layer, experts are ranked by their
 share of the layer's routed assignments (ties broken by router-probability mass) and the top `n` kept. With
 `MoEPruneConfig(adaptive=True)` one global ranking of those shares picks the experts under the total budget,
-every layer keeping at least its top-k, which gives non-uniform per-layer counts.
+every layer keeping at least its top-k, which gives non-uniform per-layer counts. Under group-limited
+routing each group keeps its own most-routed experts, `n / G` of them (`targets.keep_per_group`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from ...moe_layers import MoELayer
 from ...surgery import LayerPlan
 from ..base import ExpertMethod, Needs, UnitResult
 from ..registry import register_method
-from ..targets import effective_top_k, total_budget, uniform_counts
+from ..targets import effective_top_k, keep_per_group, total_budget, uniform_counts
 
 if TYPE_CHECKING:
     from ...pipeline import Observation, Unit
@@ -28,6 +29,7 @@ class FrequencyPruning(ExpertMethod):
     name = "frequency"
     pretty_name = "Activation-frequency expert pruning"
     kind = "prune"
+    group_aware = True
 
     def validate(self, layers) -> None:
         super().validate(layers)
@@ -56,8 +58,8 @@ class FrequencyPruning(ExpertMethod):
         scores = observation if self.config.adaptive else self.summarize(unit, observation)
         result = UnitResult()
         for layer in unit.moe_layers:
-            keep = torch.argsort(scores[layer.path], descending=True, stable=True)[: counts[layer.path]]
-            result.plans[layer.path] = LayerPlan.keep(keep.tolist())
+            ranked = torch.argsort(scores[layer.path], descending=True, stable=True).tolist()
+            result.plans[layer.path] = LayerPlan.keep(keep_per_group(layer, ranked, counts[layer.path]))
         return result
 
     def _global_counts(self, layers: list[MoELayer], scores: dict[str, torch.Tensor]) -> dict[str, int]:

@@ -5,7 +5,8 @@ into the layer's target count, (3) permutation alignment of each cluster's membe
 member), done in place (a permuted expert computes the same function, so the model is unchanged until the
 merge), (4) a `LayerPlan` whose groups are merged by the shared surgery with routed-token weights. The three
 registered methods differ only in their default options; every option can be overridden through
-`MoEPruneConfig.method_options`.
+`MoEPruneConfig.method_options`. Under group-limited routing each routing group is clustered on its own into
+`count / G` clusters, so merges stay inside a group and every group keeps the same count.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from ...moe_layers import MoELayer
 from ...surgery import LayerPlan
 from ..base import ExpertMethod, Needs, UnitResult
-from ..targets import effective_top_k, total_budget, uniform_counts
+from ..targets import effective_top_k, expert_groups, total_budget, uniform_counts
 from .adaptive import frequency_counts, redundancy_counts
 from .alignment import align_groups
 from .clustering import CLUSTERINGS, cluster_experts
@@ -39,6 +40,7 @@ OPTION_CHOICES: dict[str, tuple] = {
     "alignment_solver": ("auto", "lapjv", "scipy"),
     "merge_weights": ("frequency", "prob-mass", "uniform"),
     "router_rows": ("weighted", "anchor"),
+    "router": ("folded", "tied"),
     "adaptive_by": ("redundancy", "frequency"),
 }
 FREE_OPTIONS = ("alignment_sketch", "alignment_tokens")
@@ -48,6 +50,7 @@ class ClusterMergeMethod(ExpertMethod):
     """Base of the cluster-and-merge methods (not registered itself). Subclasses set `defaults`."""
 
     kind = "merge"
+    group_aware = True
     Options = None  # options checked against OPTION_CHOICES in `validate`, with per-method defaults
     defaults: ClassVar[dict[str, Any]] = {
         "similarity": "router-logits",
@@ -60,6 +63,7 @@ class ClusterMergeMethod(ExpertMethod):
         "alignment_tokens": 512,
         "merge_weights": "frequency",
         "router_rows": "weighted",
+        "router": "folded",
         "adaptive_by": "redundancy",
     }
 
@@ -146,15 +150,21 @@ class ClusterMergeMethod(ExpertMethod):
             use_features = options["clustering"] == "kmeans" or (
                 options["clustering"] == "agglomerative" and options["cluster_on"] == "features"
             )
-            groups = cluster_experts(
-                similarity,
-                count,
-                options["clustering"],
-                frequency=stats.counts,
-                features=expert_features(stats, options["similarity"]) if use_features else None,
-                linkage=options["linkage"],
-                seed=self.config.seed,
-            )
+            features = expert_features(stats, options["similarity"]) if use_features else None
+            routing_groups = expert_groups(layer)
+            groups = []
+            for members in routing_groups:
+                index = torch.tensor(members)
+                local = cluster_experts(
+                    similarity[index][:, index],
+                    count // len(routing_groups),
+                    options["clustering"],
+                    frequency=stats.counts[index],
+                    features=features[index] if features is not None else None,
+                    linkage=options["linkage"],
+                    seed=self.config.seed,
+                )
+                groups += [[members[i] for i in group] for group in local]
             entry: dict[str, Any] = {"groups": groups}
             if options["alignment"] != "none":
                 start = time.perf_counter()
@@ -179,6 +189,7 @@ class ClusterMergeMethod(ExpertMethod):
                 groups=groups,
                 weights=[self.merge_weights(stats, g) for g in groups],
                 router_rows=options["router_rows"],
+                tied_router=options["router"] == "tied",
             )
             self.details["layers"][layer.path] = entry
         return result

@@ -1,4 +1,5 @@
-"""Random expert pruning: the floor any informed method must beat. Data-free, seeded by the config."""
+"""Random expert pruning: the floor any informed method must beat. Data-free, seeded by the config.
+Under group-limited routing each group keeps the same number of its own experts."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from ...moe_layers import MoELayer
 from ...surgery import LayerPlan
 from ..base import ExpertMethod, Needs, UnitResult
 from ..registry import register_method
-from ..targets import uniform_counts
+from ..targets import keep_per_group, uniform_counts
 
 if TYPE_CHECKING:
     from ...pipeline import Unit
@@ -21,6 +22,7 @@ class RandomPruning(ExpertMethod):
     name = "random"
     pretty_name = "Random expert pruning"
     kind = "prune"
+    group_aware = True
 
     @property
     def needs(self) -> Needs:
@@ -37,6 +39,6 @@ class RandomPruning(ExpertMethod):
         counts, generator = decision  # one generator drawn in layer order: the same seed keeps the same experts
         result = UnitResult()
         for layer in unit.moe_layers:
-            keep = torch.randperm(layer.num_experts, generator=generator)[: counts[layer.path]]
-            result.plans[layer.path] = LayerPlan.keep(keep.tolist())
+            order = torch.randperm(layer.num_experts, generator=generator).tolist()
+            result.plans[layer.path] = LayerPlan.keep(keep_per_group(layer, order, counts[layer.path]))
         return result

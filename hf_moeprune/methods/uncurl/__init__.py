@@ -43,6 +43,11 @@ class Uncurl(ClusterMergeMethod):
         router_rows (`str`, default `"weighted"`): the merged expert's router row, `"weighted"` (merge-weighted
             average of the members' rows) or `"anchor"` (the anchor's row). The default was chosen on the
             trained Mixtral testbed (`benchmarks/results_merging.md`): see the router-row ablation there.
+        router (`str`, default `"folded"`): `"folded"` (one router row per merged expert, formed as
+            `router_rows` says: the family's native architecture) or `"tied"` (all E router rows kept, each
+            mapped to its merged expert, so routing is unchanged; loads through the record's expert map).
+            Folded is the default: on the 32-expert testbed held-out perplexity did not favour the tied router
+            (`benchmarks/results_merging.md`, "Tied vs folded router").
         adaptive_by (`"redundancy"`): with `MoEPruneConfig(adaptive=True)`, per-layer counts follow how
             redundant each layer's experts are (merge heights of average-linkage clustering on 1 - S), or
             `"frequency"` (MC-SMoE's global dominant-expert count).
