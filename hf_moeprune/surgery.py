@@ -137,16 +137,22 @@ def validate_group_limited_plan(layer: MoELayer, plan: LayerPlan, num_groups: in
 
 
 def _combine(tensor: torch.Tensor, groups: list[list[int]], weights: list[list[float]]) -> torch.Tensor:
-    """New `[E', ...]` tensor whose row j is the weighted sum of `tensor`'s rows in group j (in float32)."""
-    rows = []
-    for group, group_weights in zip(groups, weights, strict=True):
+    """New `[E', ...]` tensor whose row j is the weighted sum of `tensor`'s rows in group j (in float32).
+
+    Written into one preallocated tensor (kept experts by one `index_select`), so a layer's experts are
+    never held twice over while it is rewritten.
+    """
+    if all(len(group) == 1 for group in groups):
+        return tensor.detach().index_select(0, torch.tensor([g[0] for g in groups], device=tensor.device))
+    out = tensor.new_empty((len(groups), *tensor.shape[1:]))
+    for row, (group, group_weights) in enumerate(zip(groups, weights, strict=True)):
         if len(group) == 1:
-            rows.append(tensor[group[0]].detach().clone())
+            out[row] = tensor[group[0]].detach()
             continue
         stacked = tensor[group].detach().float()
         w = torch.tensor(group_weights, dtype=torch.float32, device=stacked.device).view(-1, *([1] * (stacked.dim() - 1)))
-        rows.append((stacked * w).sum(0).to(tensor.dtype))
-    return torch.stack(rows)
+        out[row] = (stacked * w).sum(0).to(tensor.dtype)
+    return out
 
 
 @torch.no_grad()

@@ -217,17 +217,19 @@ def global_threshold_counts(
     return counts, float(threshold)
 
 
-def pick_representative(members: list[int], features: Sequence[torch.Tensor]) -> int:
+def pick_representative(members: list[int], features: Sequence[torch.Tensor], chunk: int = 1 << 22) -> int:
     """The member nearest the members' centroid, the features being the expert tensors `[E, ...]` taken
     together (all of an expert's weights as one vector, or its router row).
 
-    The distance is summed tensor by tensor, so only the members' slice of one tensor is ever converted to
-    float64: a layer's experts are never copied whole (they are most of a streamed layer's memory).
+    The squared distance is summed over slices of `chunk` elements per member, in float64: a streamed
+    layer's experts, most of its memory, are never copied whole.
     """
     squared = torch.zeros(len(members), dtype=torch.float64)
     for tensor in features:
-        x = tensor[members].detach().double().reshape(len(members), -1)
-        squared += (x - x.mean(0, keepdim=True)).pow(2).sum(1).cpu()
+        flat = tensor.detach()[members].reshape(len(members), -1)
+        for start in range(0, flat.shape[1], chunk):
+            x = flat[:, start : start + chunk].double()
+            squared += (x - x.mean(0, keepdim=True)).pow(2).sum(1).cpu()
     return members[int(torch.argmin(squared))]
 
 
