@@ -43,20 +43,26 @@ def initial_record(model_name: str, family: str, layers: Sequence[MoELayer], mod
     }
 
 
-def hub_id_or_none(name: str | None) -> str | None:
-    """`name` when it names a Hub model (`org/name`), None for a local folder: a card must not publish a
-    machine's path as the base model (the CLI's `--base-model` names the Hub id such a folder came from)."""
+def looks_like_hub_repo_id(name: str | None) -> bool:
+    """True for `org/name` or `name` Hub ids; False for local paths (absolute, `./x`, `~/x`, existing folders)."""
+    import os
     from pathlib import Path
 
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    if not name or Path(name).expanduser().exists():
-        return None
+    if not name or os.path.isabs(name) or name.startswith((".", "~")) or Path(name).exists():
+        return False
     try:
         validate_repo_id(name)
     except HFValidationError:
-        return None
-    return name
+        return False
+    return True
+
+
+def hub_id_or_none(name: str | None) -> str | None:
+    """`name` when it names a Hub model, None for a local folder: a card must not publish a machine's path
+    as the base model (the CLI's `--base-model` names the Hub id such a folder came from)."""
+    return name if looks_like_hub_repo_id(name) else None
 
 
 def compose_layer(entry: dict[str, Any], plan: LayerPlan, top_k: int) -> dict[str, Any]:

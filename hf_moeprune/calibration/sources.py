@@ -207,13 +207,7 @@ def _pick_split(loaded: Any, split: str | None, name: str) -> Any:
 
 def _could_be_hub_id(name: str) -> bool:
     """A Hub id is `name` or `owner/name` without a data-file suffix; anything else can only be a local path."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    from ..records import looks_like_hub_repo_id
 
     stem = name[: -len(Path(name).suffix)] if name.endswith(COMPRESSION_SUFFIXES) else name
-    if Path(stem).suffix.lower() in DATA_FILE_LOADERS or name.startswith(("~", ".")):
-        return False
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
+    return Path(stem).suffix.lower() not in DATA_FILE_LOADERS and looks_like_hub_repo_id(name)

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from ..records import looks_like_hub_repo_id
+
 if TYPE_CHECKING:
     from huggingface_hub import ModelCard
 
@@ -95,19 +97,6 @@ def _read_optional_json(path: Path) -> Any:
         return None
 
 
-def _looks_like_hub_repo_id(name: str | None) -> bool:
-    """True for `org/name` or `name` ids; False for local paths, which the Hub rejects as `base_model`."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if not name or os.path.isabs(name) or name.startswith((".", "~")) or Path(name).is_dir():
-        return False
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
-
-
 def _license_from_card_text(text: str) -> str | None:
     from huggingface_hub.repocard import RepoCard
 
@@ -149,7 +138,7 @@ def resolve_base_license(
     local_readme = Path(base_model).expanduser() / "README.md"
     if local_readme.is_file():
         return _license_from_card_text(local_readme.read_text(encoding="utf-8"))
-    if not _looks_like_hub_repo_id(base_model):
+    if not looks_like_hub_repo_id(base_model):
         return None
     from huggingface_hub import constants, try_to_load_from_cache
 
@@ -347,7 +336,7 @@ def build_model_card(
     model_name = model_name or _final_folder_name(checkpoint_dir)
 
     base_model = entry.get("base_model") or config.get("_name_or_path")
-    base_is_hub_id = _looks_like_hub_repo_id(base_model)
+    base_is_hub_id = looks_like_hub_repo_id(base_model)
     steps = entry.get("steps") or []
     layers = entry.get("layers") or {}
     layer_rows, any_merge = _layer_rows(layers)
