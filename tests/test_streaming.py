@@ -234,3 +234,43 @@ def test_non_uniform_input_streams_like_in_memory(tmp_path):
     config = MoEPruneConfig(method="frequency", experts_per_layer=2)
     reduce_checkpoint(tmp_path / "stun", tmp_path / "streamed", config, calibration=CALIB, progress=False)
     assert_same_checkpoint(in_memory(tmp_path / "stun", tmp_path / "memory", config), tmp_path / "streamed")
+
+
+def test_a_failed_final_save_keeps_every_finished_layer_for_resume(tmp_path, monkeypatch):
+    from hf_moeprune import modeling
+
+    source = sharded_checkpoint(tmp_path / "in", num_hidden_layers=3)
+    config = MoEPruneConfig(method="stun", expert_sparsity=0.25)
+    reduce_checkpoint(source, tmp_path / "reference", config, progress=False)
+
+    def card_fails(folder, name):
+        raise OSError("disk full while writing the card")
+
+    monkeypatch.setattr(modeling, "_write_card", card_fails)
+    with pytest.raises(OSError, match="disk full"):
+        reduce_checkpoint(source, tmp_path / "out", config, progress=False)
+    monkeypatch.undo()
+    assert not (tmp_path / "out").exists()
+    reduce_checkpoint(source, tmp_path / "out", config, progress=False, resume=True)
+    assert_same_checkpoint(tmp_path / "reference", tmp_path / "out")
+
+
+def test_a_partial_run_missing_its_shards_is_not_resumed(tmp_path, monkeypatch):
+    source = sharded_checkpoint(tmp_path / "in", num_hidden_layers=3)
+    config = MoEPruneConfig(method="random", experts_per_layer=4)
+    original_write = shards.ShardWriter.write_module
+    calls = []
+
+    def die_on_third(self, *args):
+        calls.append(args)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original_write(self, *args)
+
+    monkeypatch.setattr(shards.ShardWriter, "write_module", die_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        reduce_checkpoint(source, tmp_path / "out", config, progress=False)
+    monkeypatch.undo()
+    next((tmp_path / ".out.moeprune-partial/phase-0").glob("model-00001-of-*.safetensors")).unlink()
+    with pytest.raises(ValueError, match=r"incomplete.*\[0\]"):
+        reduce_checkpoint(source, tmp_path / "out", config, progress=False, resume=True)

@@ -171,10 +171,11 @@ def reduce_checkpoint(
     def save_state(progress_state: dict[str, Any]) -> None:
         _write_state(partial, {"fingerprint": fingerprint, "pid": os.getpid(), **progress_state})
 
-    def move_shards(staging: Path) -> None:
+    def link_shards(staging: Path) -> None:
+        # hard links, not moves: if the save fails after this, the finished shards are still there to resume
         last = max(partial.glob("phase-*"), key=lambda path: int(path.name.split("-")[1]))
         for item in last.iterdir():
-            os.replace(item, staging / item.name)
+            os.link(item, staging / item.name)
 
     from .runner import run_step
 
@@ -193,7 +194,7 @@ def reduce_checkpoint(
         saved = save_checkpoint(
             meta, layers, wrapper.record, output, tokenizer=tokenizer, task=family.task,
             extra_files=lambda staging: _write_card(staging, output.name), overwrite=overwrite, source=folder,
-            write_weights=move_shards,
+            write_weights=link_shards,
         )
     except BaseException:
         if (partial / STATE_FILE).is_file():
@@ -236,6 +237,16 @@ def _previous_run(partial: Path, fingerprint: dict[str, Any], *, resume: bool, o
         raise ValueError(
             f"{partial} holds an interrupted run of a different recipe, input or calibration set; rerun that "
             "exact command with --resume, or pass --overwrite without --resume to start over."
+        )
+    phase = len(state["phases"])
+    missing = [
+        position for position in range(state["current"]["done"] + 1)
+        if not list((partial / f"phase-{phase}").glob(f"model-{position + 1:05d}-of-*.safetensors"))
+    ]
+    if missing:
+        raise ValueError(
+            f"{partial} is incomplete: the shards of finished layers {missing} are gone, so it cannot be resumed; "
+            "pass --overwrite / overwrite=True without --resume to start over."
         )
     logger.warning("Resuming from %s: %s.", partial, where)
     return {"phases": state["phases"], "current": state["current"]}
