@@ -47,7 +47,7 @@ from ...moe_layers import MoELayer
 from ...surgery import LayerPlan
 from ..base import ExpertMethod, Needs, UnitResult
 from ..registry import register_method
-from ..targets import check_layer_count, uniform_counts
+from ..targets import check_layer_count, keep_per_group, uniform_counts
 
 if TYPE_CHECKING:
     from ...pipeline import Observation, Unit
@@ -103,6 +103,7 @@ class REAP(ExpertMethod):
     pretty_name = "REAP (router-weighted expert activation pruning)"
     paper = "https://arxiv.org/abs/2510.13999"
     kind = "prune"
+    group_aware = True
     Options = REAPOptions
 
     def validate(self, layers) -> None:
@@ -166,7 +167,8 @@ class REAP(ExpertMethod):
             shielded = [e for e in ranked if e in protected[layer.path]]
             if len(shielded) > counts[layer.path]:  # more super experts than places: keep the best-scoring ones
                 self.details.setdefault("super_expert_overflow", []).append(layer.path)
-            keep = (shielded + [e for e in ranked if e not in shielded])[: counts[layer.path]]
+            # best first, super experts ahead; with expert groups, the best count/G of every group
+            keep = keep_per_group(layer, shielded + [e for e in ranked if e not in shielded], counts[layer.path])
             result.plans[layer.path] = LayerPlan.keep(keep)
             self.details["scores"][layer.path] = [round(float(s), 6) for s in score]
         return result
