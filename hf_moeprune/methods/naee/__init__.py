@@ -42,13 +42,35 @@ from ...moe_layers import MoELayer
 from ...surgery import LayerPlan, apply_layer_plan
 from ..base import ExpertMethod, Needs, UnitResult
 from ..registry import register_method
-from ..targets import uniform_counts
+from ..targets import expert_groups, uniform_counts
 
 if TYPE_CHECKING:
     from ...pipeline import Observation, Unit
 
 
 @torch.no_grad()
+def candidate_subsets(layer: MoELayer, keep: int):
+    """Every subset of `keep` experts, or with expert groups (group-limited routing) every subset that keeps
+    `keep / G` experts of each group, so the result keeps the groups equal."""
+    groups = expert_groups(layer)
+    share = keep // len(groups)
+    for parts in itertools.product(*(itertools.combinations(members, share) for members in groups)):
+        yield tuple(e for part in parts for e in part)
+
+
+def count_subsets(layer: MoELayer, keep: int) -> int:
+    groups = expert_groups(layer)
+    return math.prod(math.comb(len(members), keep // len(groups)) for members in groups)
+
+
+def subset_formula(layer: MoELayer, keep: int) -> str:
+    """`C(8, 4)`, or `C(4, 2)^2` when the subsets are taken per expert group."""
+    groups = len(expert_groups(layer))
+    if groups == 1:
+        return f"C({layer.num_experts}, {keep})"
+    return f"C({layer.num_experts // groups}, {keep // groups})^{groups}"
+
+
 def search_layer(
     layer: MoELayer, inputs: torch.Tensor, keep: int, top_k: int | None = None, target: torch.Tensor | None = None
 ) -> tuple[list[int], float, int]:
@@ -59,7 +81,7 @@ def search_layer(
     scale = float(reference.norm()) or 1.0
     best: tuple[list[int], float] = ([], math.inf)
     tried = 0
-    for subset in itertools.combinations(range(layer.num_experts), keep):
+    for subset in candidate_subsets(layer, keep):
         trial = MoELayer(path=layer.path, block=copy.deepcopy(layer.block), spec=layer.spec)
         apply_layer_plan(trial, LayerPlan.keep(subset), top_k)
         error = float((layer_output(trial.block(inputs)).float() - reference).norm()) / scale
@@ -95,6 +117,7 @@ class NAEE(ExpertMethod):
     pretty_name = "NAEE (exhaustive expert-subset search)"
     paper = "https://arxiv.org/abs/2402.14800"
     kind = "prune"
+    group_aware = True
     Options = NAEEOptions
 
     def validate(self, layers: list[MoELayer]) -> None:
@@ -102,10 +125,10 @@ class NAEE(ExpertMethod):
         counts = uniform_counts(layers, self.config)
         limit = self.opts.max_subsets
         for layer in layers:
-            subsets = math.comb(layer.num_experts, counts[layer.path])
+            subsets = count_subsets(layer, counts[layer.path])
             if subsets > limit:
                 raise ValueError(
-                    f"NAEE would try C({layer.num_experts}, {counts[layer.path]}) = {subsets:,} expert subsets in "
+                    f"NAEE would try {subset_formula(layer, counts[layer.path])} = {subsets:,} expert subsets in "
                     f"{layer.path}, above the limit of {limit:,}. Exhaustive search does not scale to this many "
                     "experts: use method='stun' (O(1) forward passes) or raise method_options max_subsets."
                 )
