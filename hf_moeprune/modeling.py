@@ -24,7 +24,7 @@ from .methods import get_method
 from .models import register_models
 from .moe_layers import MoELayer, find_moe_layers
 from .pipeline.runner import StepReport, run_step
-from .pipeline.sources import InMemorySource
+from .pipeline.sources import InMemorySource, check_finite_weights
 from .records import RECORD_KEY, compose_layer, count_parameters, initial_record, is_uniform, needs_loader
 from .surgery import ReductionPlan, apply_plan
 
@@ -227,13 +227,6 @@ def _write_card(folder: Path, model_name: str) -> None:
     from .hub import write_model_card
 
     write_model_card(folder, model_name=model_name)
-
-
-def check_finite_weights(model: nn.Module) -> None:
-    """A ValueError naming the first floating-point tensor holding NaN or infinity."""
-    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-        if tensor.is_floating_point() and tensor.device.type != "meta" and not torch.isfinite(tensor).all():
-            raise ValueError(f"Weight {name!r} contains NaN or infinite values; refusing to prune a broken model.")
 
 
 class _AutoMoEPruneModel:

@@ -19,25 +19,26 @@ def progress_bars_disabled() -> bool:
 
 def disable_progress_bars() -> None:
     """Turn off hf_moeprune's progress bars and those of the Hugging Face libraries it drives."""
-    global _disabled
-    _disabled = True
-    import datasets
-    import huggingface_hub.utils
-    import transformers.utils.logging
-
-    huggingface_hub.utils.disable_progress_bars()
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
+    _set_progress_bars(False)
 
 
 def enable_progress_bars() -> None:
     """Show the progress bars again, ours and those of the Hugging Face libraries."""
+    _set_progress_bars(True)
+
+
+def _set_progress_bars(enabled: bool) -> None:
     global _disabled
-    _disabled = False
+    _disabled = not enabled
     import datasets
     import huggingface_hub.utils
     import transformers.utils.logging
 
-    huggingface_hub.utils.enable_progress_bars()
-    datasets.enable_progress_bars()
-    transformers.utils.logging.enable_progress_bar()
+    if enabled:
+        huggingface_hub.utils.enable_progress_bars()
+        datasets.enable_progress_bars()
+        transformers.utils.logging.enable_progress_bar()
+    else:
+        huggingface_hub.utils.disable_progress_bars()
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()

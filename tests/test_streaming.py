@@ -274,3 +274,14 @@ def test_a_partial_run_missing_its_shards_is_not_resumed(tmp_path, monkeypatch):
     next((tmp_path / ".out.moeprune-partial/phase-0").glob("model-00001-of-*.safetensors")).unlink()
     with pytest.raises(ValueError, match=r"incomplete.*\[0\]"):
         reduce_checkpoint(source, tmp_path / "out", config, progress=False, resume=True)
+
+
+def test_a_broken_weight_is_named_and_nothing_is_written(tmp_path):
+    model = build_tiny_model("mixtral").to(torch.bfloat16)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.q_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "in", max_shard_size="60KB")
+    with pytest.raises(ValueError, match=r"'model\.layers\.1\.self_attn\.q_proj\.weight' contains NaN"):
+        reduce_checkpoint(tmp_path / "in", tmp_path / "out", MoEPruneConfig(method="random", experts_per_layer=4),
+                          progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]

@@ -93,6 +93,7 @@ class StreamingSource(InMemorySource):
         for name, module in model.named_modules():
             if not name.startswith(inside):
                 module._apply(_loaded_to(device), recurse=False)
+        check_finite_weights(model)  # only what is loaded so far: the tensors outside the decoder layers
 
     def load(self, position: int, weights: Weights = "all") -> Unit:
         unit = self.units[position]
@@ -108,7 +109,7 @@ class StreamingSource(InMemorySource):
         self.reader.load_into(self.model, tensors)
         del tensors
         unit.module._apply(_loaded_to(self.device))
-        check_finite(unit.module, unit.path)
+        check_finite_weights(unit.module, unit.path)
         return unit
 
     def finish(self, unit: Unit, write: bool) -> None:
@@ -140,10 +141,10 @@ def _loaded_to(device: torch.device):
     return lambda tensor: tensor if tensor.device.type == "meta" else tensor.to(device)
 
 
-def check_finite(module: nn.Module, prefix: str) -> None:
-    """A ValueError naming the first loaded floating-point tensor holding NaN or infinity."""
+def check_finite_weights(module: nn.Module, prefix: str = "") -> None:
+    """A ValueError naming the first loaded floating-point tensor holding NaN or infinity (meta tensors,
+    not yet read, are skipped)."""
     for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
         if tensor.is_floating_point() and tensor.device.type != "meta" and not torch.isfinite(tensor).all():
-            raise ValueError(
-                f"Weight {prefix}.{name!r} contains NaN or infinite values; refusing to prune a broken model."
-            )
+            full = f"{prefix}.{name}" if prefix else name
+            raise ValueError(f"Weight {full!r} contains NaN or infinite values; refusing to prune a broken model.")

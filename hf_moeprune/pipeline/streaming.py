@@ -196,8 +196,9 @@ def reduce_checkpoint(
             extra_files=lambda staging: _write_card(staging, output.name), overwrite=overwrite, source=folder,
             write_weights=link_shards,
         )
-    except BaseException:
-        if (partial / STATE_FILE).is_file():
+    except BaseException as error:
+        # a refusal of the input (ValueError: a broken weight, a bad plan) would fail the same way on resume
+        if (partial / STATE_FILE).is_file() and not isinstance(error, ValueError):
             logger.warning("Interrupted: the finished layers are kept in %s; run the same command with --resume "
                            "to continue from there.", partial)
         else:
