@@ -142,6 +142,7 @@ def _fingerprint(args: argparse.Namespace, steps: int, stream: torch.Tensor) -> 
         "seed": args.seed,
         "balance_coef": args.balance_coef,
         "router_z_coef": args.router_z_coef,
+        "autocast": args.autocast,
         "stream_tokens": int(stream.numel()),
         "stream_sha256": hashlib.sha256(stream.numpy().tobytes()).hexdigest(),
     }
@@ -272,14 +273,16 @@ def train(args: argparse.Namespace) -> dict:
     for step in range(first, last):
         offsets = torch.randint(0, stream.numel() - args.seq_len - 1, (args.batch_size,), generator=generator)
         batch = torch.stack([stream[o : o + args.seq_len] for o in offsets.tolist()])
-        out = model(input_ids=batch, labels=batch)
-        loss = out.loss
-        if args.balance_coef:
-            balance = per_layer_balance_loss(out.router_logits, model.config.num_experts_per_tok)
-            loss = loss + args.balance_coef * balance
-            history.setdefault("balance_losses", []).append(float(balance.detach()))
-        if args.router_z_coef:
-            loss = loss + args.router_z_coef * router_z_loss(out.router_logits)
+        # bf16 matmuls (fp32 weights and optimizer): about 1.25x the tokens/s of fp32 on a CPU with avx512_bf16.
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.autocast == "bfloat16"):
+            out = model(input_ids=batch, labels=batch)
+            loss = out.loss
+            if args.balance_coef:
+                balance = per_layer_balance_loss(out.router_logits, model.config.num_experts_per_tok)
+                loss = loss + args.balance_coef * balance
+                history.setdefault("balance_losses", []).append(float(balance.detach()))
+            if args.router_z_coef:
+                loss = loss + args.router_z_coef * router_z_loss(out.router_logits)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -333,6 +336,7 @@ def train(args: argparse.Namespace) -> dict:
         "balance_coef": args.balance_coef,
         "router_z_coef": args.router_z_coef,
         "saved_dtype": args.save_dtype,
+        "autocast": args.autocast,
         "command": "python -m hf_moeprune.testbed.train " + " ".join(args.argv),
     }
     (output / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -379,6 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="A .jsonl.gz of held-out documents on which expert usage is logged at every checkpoint.",
     )
     parser.add_argument("--usage-max-documents", type=int, default=70)
+    parser.add_argument(
+        "--autocast",
+        default="none",
+        choices=["none", "bfloat16"],
+        help="Mixed precision: run the forward pass under torch.autocast in this dtype (weights stay float32).",
+    )
     parser.add_argument("--save-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--tokenizer", help="Reuse this tokenizer folder instead of training one.")
     parser.add_argument(
