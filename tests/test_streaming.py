@@ -141,16 +141,43 @@ def test_one_decoder_layer_in_memory_at_a_time(tmp_path, monkeypatch):
 
 def test_data_free_stun_reads_router_rows_then_each_layer_once(tmp_path, monkeypatch):
     source = sharded_checkpoint(tmp_path / "in", num_hidden_layers=3)
-    reads: list[list[str]] = []
-    original_read = shards.CheckpointReader.read
-    monkeypatch.setattr(shards.CheckpointReader, "read", lambda self, keys: reads.append(list(keys))
+    loads: list[list[str]] = []
+    read_keys: list[str] = []
+    original_load, original_read = shards.CheckpointReader.load, shards.CheckpointReader.read
+    monkeypatch.setattr(shards.CheckpointReader, "load", lambda self, model, keys: loads.append(list(keys))
+                        or original_load(self, model, keys))
+    monkeypatch.setattr(shards.CheckpointReader, "read", lambda self, keys: read_keys.extend(keys)
                         or original_read(self, keys))
     reduce_checkpoint(source, tmp_path / "out", recipe("stun"), calibration=None, progress=False)
-    outside, first_pass, second_pass = reads[0], reads[1:4], reads[4:]
+    outside, first_pass, second_pass = loads[0], loads[1:4], loads[4:]
     assert all(not key.startswith("model.layers.") for key in outside)
     assert all(key.endswith("block_sparse_moe.gate.weight") for keys in first_pass for key in keys)
     assert len(second_pass) == 3 and all(any(".experts." in key for key in keys) for keys in second_pass)
+    # every key that was asked for is read from the disk exactly once per pass
+    assert sorted(read_keys) == sorted(key for keys in loads for key in keys)
     assert record(tmp_path / "out")["steps"][0]["forward_passes"] == 0
+
+
+def test_a_layer_loads_one_parameter_at_a_time_largest_first(tmp_path, monkeypatch):
+    source = sharded_checkpoint(tmp_path / "in", num_hidden_layers=1)
+    converted: list[list[str]] = []
+    original = shards.CheckpointReader.load_into
+    monkeypatch.setattr(shards.CheckpointReader, "load_into", lambda self, model, tensors: converted.append(
+        [self.target_of(key) for key in tensors]) or original(self, model, tensors))
+    reduce_checkpoint(source, tmp_path / "out", recipe("random"), progress=False)
+    layer = [targets for targets in converted if targets[0].startswith("model.layers.0.")]
+    assert all(len(set(targets)) == 1 for targets in layer)  # one target parameter per conversion
+    assert layer[0][0].endswith("experts.gate_up_proj") and len(layer[0]) == 12  # 6 experts x (w1, w3), first
+    assert layer[1][0].endswith("experts.down_proj")
+
+
+def test_a_truncated_shard_is_named(tmp_path):
+    source = sharded_checkpoint(tmp_path / "in")
+    index = json.loads((source / shards.INDEX_FILE).read_text())["weight_map"]
+    victim = source / index["model.layers.1.block_sparse_moe.experts.0.w1.weight"]
+    victim.write_bytes(victim.read_bytes()[:-64])
+    with pytest.raises(OSError, match="truncated"):
+        reduce_checkpoint(source, tmp_path / "out", recipe("random"), progress=False)
 
 
 def test_dtype_is_kept_unless_asked(tmp_path):

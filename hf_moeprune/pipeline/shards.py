@@ -3,15 +3,20 @@
 Keys are mapped to the model's parameters by transformers' own conversion rules (the ones
 `from_pretrained` applies), so the Hub's per-expert layout (`block_sparse_moe.experts.3.w1.weight`) and
 transformers 5's fused tensors both load, and writing reverts them to the checkpoint layout that
-`save_pretrained` writes. Each shard file is opened only while its tensors are read, so the mapped pages
-are released with it.
+`save_pretrained` writes. Tensors are read with plain positioned reads into freshly allocated memory, not
+through a memory map: no mapped pages count against the process, and one system call per tensor replaces a
+page fault per 4 KiB. A layer is read and converted one target parameter at a time, so its raw tensors
+and their converted copies never coexist whole; the next layer is brought into the page cache (not into
+the process) while the current one is computed.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -49,6 +54,7 @@ class CheckpointReader:
 
         self.folder, self.dtype = folder, dtype
         self.files = checkpoint_files(folder)
+        self._headers: dict[str, SafetensorsHeader] = {}
         self.mapping = get_model_conversion_mapping(model)
         renamings = [t for t in self.mapping if isinstance(t, WeightRenaming)]
         converters = [t for t in self.mapping if isinstance(t, WeightConverter)]
@@ -71,14 +77,42 @@ class CheckpointReader:
         return {path: groups.get(path, []) for path in [*unit_paths, None]}
 
     def read(self, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for name, file_keys in self._by_file(keys).items():
+            tensors.update(read_safetensors(self.folder / name, file_keys, self._header(name)))
+        return tensors
+
+    def load(self, model: nn.Module, keys: Sequence[str]) -> None:
+        """Read `keys` and load them into `model`, one target parameter at a time, largest first: the peak is
+        the loaded part plus one parameter's raw tensors and conversion copies, not twice the layer."""
+        groups: dict[str, list[str]] = defaultdict(list)
+        for key in keys:
+            groups[self.targets[key]].append(key)
+        size = {target: sum(self._header(self.files[k]).tensors[k].nbytes for k in group)
+                for target, group in groups.items()}
+        for target in sorted(groups, key=lambda t: (-size[t], t)):
+            self.load_into(model, self.read(groups[target]))
+
+    def prefetch(self, keys: Sequence[str]) -> None:
+        """Bring the bytes of `keys` into the page cache (not into this process), so that reading them next
+        does not wait for the disk; meant for a background thread while the current layer is computed."""
+        for name, file_keys in self._by_file(keys).items():
+            header = self._header(name)
+            spans = sorted(header.tensors[key].span(header.data_start) for key in file_keys)
+            with open(self.folder / name, "rb", buffering=0) as file:
+                for start, end in _merged(spans):
+                    _read_through(file, start, end)
+
+    def _by_file(self, keys: Sequence[str]) -> dict[str, list[str]]:
         by_file: dict[str, list[str]] = defaultdict(list)
         for key in keys:
             by_file[self.files[key]].append(key)
-        tensors = {}
-        for name, file_keys in by_file.items():
-            with safe_open(self.folder / name, framework="pt") as handle:
-                tensors.update({key: handle.get_tensor(key) for key in file_keys})
-        return tensors
+        return by_file
+
+    def _header(self, name: str) -> SafetensorsHeader:
+        if name not in self._headers:
+            self._headers[name] = read_header(self.folder / name)
+        return self._headers[name]
 
     def load_into(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
         """Convert `tensors` to the model's layout and put them in place of its meta parameters."""
@@ -140,9 +174,88 @@ class ShardWriter:
 
 SAFETENSORS_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+TORCH_DTYPES = {code: dtype for dtype, code in SAFETENSORS_DTYPES.items()}
+READ_CHUNK = 16 << 20  # bytes per system call (and of the one buffer) when warming the page cache
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lies in a safetensors file (offsets relative to the data section)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    def span(self, data_start: int) -> tuple[int, int]:
+        return data_start + self.begin, data_start + self.end
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    data_start: int
+    tensors: dict[str, TensorEntry]
+
+
+def read_header(path: Path) -> SafetensorsHeader:
+    """The JSON header of a safetensors file: each tensor's dtype, shape and byte range."""
+    with open(path, "rb") as file:
+        length = int.from_bytes(file.read(8), "little")
+        header = json.loads(file.read(length))
+    header.pop("__metadata__", None)
+    entries = {key: TensorEntry(v["dtype"], tuple(v["shape"]), *v["data_offsets"]) for key, v in header.items()}
+    return SafetensorsHeader(8 + length, entries)
+
+
+def read_safetensors(path: Path, keys: Sequence[str], header: SafetensorsHeader) -> dict[str, torch.Tensor]:
+    """The tensors `keys` of one file, each read with one positioned read into its own new memory."""
+    tensors = {}
+    with open(path, "rb", buffering=0) as file:
+        for key in keys:
+            entry = header.tensors[key]
+            if entry.dtype not in TORCH_DTYPES:  # a dtype this reader does not know: let safetensors decode it
+                with safe_open(path, framework="pt") as handle:
+                    tensors[key] = handle.get_tensor(key)
+                continue
+            tensor = torch.empty(entry.shape, dtype=TORCH_DTYPES[entry.dtype])
+            buffer = tensor.reshape(-1).view(torch.uint8).numpy() if entry.nbytes else None
+            done = 0
+            while done < entry.nbytes:  # a read may return less than asked for
+                got = os.preadv(file.fileno(), [buffer[done:]], header.data_start + entry.begin + done)
+                if got <= 0:
+                    raise OSError(f"{path} ends inside tensor {key!r}; the checkpoint file is truncated.")
+                done += got
+            tensors[key] = tensor
+    return tensors
+
+
+def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for start, end in spans:
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def _read_through(file, start: int, end: int) -> None:
+    """Read [start, end) into one small reused buffer: the pages land in the page cache, not in this process."""
+    buffer = bytearray(min(READ_CHUNK, end - start))
+    view = memoryview(buffer)
+    while start < end:
+        got = os.preadv(file.fileno(), [view[: min(len(buffer), end - start)]], start)
+        if got <= 0:
+            return
+        start += got
 
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:

@@ -11,7 +11,7 @@ thread while the current one is computed.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import torch
@@ -64,8 +64,8 @@ class InMemorySource:
 
 class StreamingSource(InMemorySource):
     """Decoder layers read from `reader` one at a time onto `device`; with `write`, reduced layers go to
-    `writer`. The model passed in is on the meta device except its buffers. At most two decoder layers are
-    in memory at once: the one being computed and the next one being read."""
+    `writer`. The model passed in is on the meta device except its buffers. One decoder layer is in
+    memory at a time; the next one is only warmed in the page cache."""
 
     def __init__(
         self,
@@ -83,10 +83,9 @@ class StreamingSource(InMemorySource):
             )
         self.reader, self.writer, self.device = reader, writer, device
         self._pool: ThreadPoolExecutor | None = None
-        self._prefetched: dict[tuple[int, str], Future] = {}
         self.consume_input = False  # delete each input shard once its layer is written (intermediate phases)
         self.keys = reader.keys_by_unit([unit.path for unit in self.units])
-        self.reader.load_into(model, reader.read(self.keys[None]))  # embedding, norm, head: kept all along
+        self.reader.load(model, self.keys[None])  # embedding, norm, head: kept all along
         if getattr(model.config, "tie_word_embeddings", False):
             model.tie_weights()
         inside = tuple(unit.path + "." for unit in self.units)
@@ -97,17 +96,11 @@ class StreamingSource(InMemorySource):
 
     def load(self, position: int, weights: Weights = "all") -> Unit:
         unit = self.units[position]
-        pending = self._prefetched.pop((position, weights), None)
-        tensors = pending.result() if pending is not None else self.reader.read(self._keys(unit, weights))
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeprune-prefetch")
-        if position + 1 < len(self.units):  # read the next layer while this one is computed
-            following = self.units[position + 1]
-            self._prefetched[(position + 1, weights)] = self._pool.submit(
-                self.reader.read, self._keys(following, weights)
-            )
-        self.reader.load_into(self.model, tensors)
-        del tensors
+        if position + 1 < len(self.units):  # the next layer's bytes come from the disk while this one computes
+            self._pool.submit(self.reader.prefetch, self._keys(self.units[position + 1], weights))
+        self.reader.load(self.model, self._keys(unit, weights))
         unit.module._apply(_loaded_to(self.device))
         check_finite_weights(unit.module, unit.path)
         return unit
@@ -124,7 +117,6 @@ class StreamingSource(InMemorySource):
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
-        self._prefetched.clear()
         if write and self.writer is not None:
             self.writer.write_outside(self.model, [unit.path for unit in self.units])
 

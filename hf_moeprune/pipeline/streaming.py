@@ -1,8 +1,8 @@
 """Reducing a checkpoint bigger than memory: the model stays on the meta device, decoder layers stream
 from its safetensors shards through the same pipeline the in-memory path uses.
 
-Peak memory is one decoder layer (two while the next is prefetched) plus the calibration activations,
-whatever the depth. Each phase (STUN's expert and weight phases are two) reads the previous phase's
+Peak memory is one decoder layer (the next one is warmed in the page cache, not read into the process)
+plus the calibration activations, whatever the depth. Each phase (STUN's expert and weight phases are two) reads the previous phase's
 shards and writes new ones into a folder beside the output; the finished checkpoint is swapped into place
 atomically, as `save_pretrained` does, and the input is only ever read.
 """
