@@ -13,6 +13,7 @@ from conftest import FAMILIES, build_tiny_model
 from safetensors import safe_open
 
 from hf_moeprune import AutoMoEPruneModelForCausalLM, MoEPruneConfig
+from hf_moeprune.calibration import sequential
 from hf_moeprune.cli import main
 from hf_moeprune.pipeline import shards, sources, streaming
 from hf_moeprune.pipeline.streaming import reduce_checkpoint
@@ -189,10 +190,11 @@ def test_dtype_is_kept_unless_asked(tmp_path):
     assert {t.dtype for t in tensors(tmp_path / "fp32").values()} == {torch.float32}
 
 
-def test_interrupted_run_resumes_after_its_last_layer(tmp_path, monkeypatch):
+@pytest.mark.parametrize("activations", ["memory", "disk"])
+def test_interrupted_run_resumes_after_its_last_layer(tmp_path, monkeypatch, activations):
     source = sharded_checkpoint(tmp_path / "in", num_hidden_layers=4)
     config = recipe("stun-owl")  # two phases, global decision, sequential second phase
-    reduce_checkpoint(source, tmp_path / "reference", config, calibration=CALIB, progress=False)
+    reduce_checkpoint(source, tmp_path / "reference", config, calibration=CALIB, progress=False, activations=activations, batch_size=2)
     written = []
     original_write = shards.ShardWriter.write_module
 
@@ -204,21 +206,37 @@ def test_interrupted_run_resumes_after_its_last_layer(tmp_path, monkeypatch):
 
     monkeypatch.setattr(shards.ShardWriter, "write_module", write_then_die)
     with pytest.raises(KeyboardInterrupt):
-        reduce_checkpoint(source, tmp_path / "out", recipe("stun-owl"), calibration=CALIB, progress=False)
+        reduce_checkpoint(source, tmp_path / "out", recipe("stun-owl"), calibration=CALIB, progress=False, activations=activations, batch_size=2)
     monkeypatch.setattr(shards.ShardWriter, "write_module", original_write)
     assert not (tmp_path / "out").exists()
     with pytest.raises(FileExistsError, match="--resume"):
-        reduce_checkpoint(source, tmp_path / "out", recipe("stun-owl"), calibration=CALIB, progress=False)
+        reduce_checkpoint(source, tmp_path / "out", recipe("stun-owl"), calibration=CALIB, progress=False, activations=activations, batch_size=2)
     with pytest.raises(ValueError, match="different recipe"):
         other = MoEPruneConfig(method="stun", expert_sparsity=0.5, weight_sparsity=0.3)
-        reduce_checkpoint(source, tmp_path / "out", other, calibration=CALIB, progress=False, resume=True)
+        reduce_checkpoint(source, tmp_path / "out", other, calibration=CALIB, progress=False, activations=activations, batch_size=2, resume=True)
     resumed_layers = []
     monkeypatch.setattr(shards.ShardWriter, "write_module", lambda self, model, path, module, position:
                         resumed_layers.append(path) or original_write(self, model, path, module, position))
-    reduce_checkpoint(source, tmp_path / "out", recipe("stun-owl"), calibration=CALIB, progress=False, resume=True)
+    reduce_checkpoint(source, tmp_path / "out", recipe("stun-owl"), calibration=CALIB, progress=False, activations=activations, batch_size=2, resume=True)
     assert resumed_layers == [f"model.layers.{i}" for i in (1, 2, 3)]
     assert_same_checkpoint(tmp_path / "reference", tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out", "reference"]
+
+
+@pytest.mark.parametrize("name", ["naee", "stun-owl"])
+def test_activations_spilled_to_disk_give_the_same_checkpoint(tmp_path, monkeypatch, name):
+    source = sharded_checkpoint(tmp_path / "in", num_hidden_layers=3)
+    options = dict(calibration=CALIB, progress=False, batch_size=2)  # two batches: two files per layer
+    reduce_checkpoint(source, tmp_path / "memory", recipe(name), activations="memory", **options)
+    folders: list[Path] = []
+    original = sequential.DiskBatches.append
+    monkeypatch.setattr(sequential.DiskBatches, "append", lambda self, t: folders.append(self.folder)
+                        or original(self, t))
+    monkeypatch.setattr(streaming, "available_memory", lambda: 1)  # auto: nothing fits, so spill
+    reduce_checkpoint(source, tmp_path / "disk", recipe(name), activations="auto", **options)
+    assert_same_checkpoint(tmp_path / "memory", tmp_path / "disk")
+    assert len(folders) >= 2 * 4 and not any(folder.exists() for folder in folders)  # used, then cleaned up
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk", "in", "memory"]
 
 
 def test_refusals_come_before_any_output(tmp_path):

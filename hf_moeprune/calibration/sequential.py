@@ -9,8 +9,11 @@ larger than memory (`hf_moeprune.pipeline` brings each layer in from disk).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import shutil
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,21 +49,66 @@ def layer_output(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+class DiskBatches(Sequence[torch.Tensor]):
+    """Hidden states kept in files, one per calibration batch, in a folder of their own: only the batch being
+    computed is in memory, so a calibration set larger than memory can still pass through a streamed model.
+    Pickles as its file paths (a resume state refers to them)."""
+
+    def __init__(self, parent: Path) -> None:
+        self.folder = Path(parent) / uuid.uuid4().hex
+        self.folder.mkdir(parents=True)
+        self.paths: list[Path] = []
+
+    def append(self, tensor: torch.Tensor) -> None:
+        path = self.folder / f"{len(self.paths):06d}.pt"
+        torch.save(tensor.contiguous(), path)
+        self.paths.append(path)
+
+    def __getitem__(self, index: int) -> torch.Tensor:  # type: ignore[override]
+        return torch.load(self.paths[index], weights_only=True)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (self[index] for index in range(len(self.paths)))
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def release(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+Batches = list[torch.Tensor] | DiskBatches
+
+
+def release(batches: Batches) -> None:
+    """Delete the files of spilled batches (in-memory ones are freed by the garbage collector)."""
+    if isinstance(batches, DiskBatches):
+        batches.release()
+
+
 @dataclass
 class LayerInputs:
     """The hidden states entering the current decoder layer, one tensor per calibration batch, and the
-    keyword arguments (masks, position embeddings) every layer of that batch receives."""
+    keyword arguments (masks, position embeddings) every layer of that batch receives. With `spill`, the
+    hidden states live in files under that folder instead of in memory."""
 
-    hidden: list[torch.Tensor]
+    hidden: Batches
     kwargs: list[dict[str, Any]]
+    spill: Path | None = None
+
+    def new_batches(self) -> Batches:
+        return DiskBatches(self.spill) if self.spill is not None else []
 
 
 @torch.no_grad()
-def capture_layer_inputs(model: nn.Module, batches: Iterable[torch.Tensor]) -> LayerInputs:
+def capture_layer_inputs(
+    model: nn.Module, batches: Iterable[torch.Tensor], spill: Path | None = None
+) -> LayerInputs:
     """Run the model up to its first decoder layer for every batch (no decoder layer runs, so they may still
-    be on the meta device) and keep what that layer receives."""
+    be on the meta device) and keep what that layer receives (in files under `spill` when given)."""
     _, layers = find_decoder_layers(model)
-    inputs = LayerInputs(hidden=[], kwargs=[])
+    inputs = LayerInputs(hidden=[], kwargs=[], spill=spill)
+    inputs.hidden = inputs.new_batches()
 
     def capture(module: nn.Module, args: tuple, kw: dict) -> None:
         kw = dict(kw)
@@ -87,13 +135,14 @@ def capture_layer_inputs(model: nn.Module, batches: Iterable[torch.Tensor]) -> L
 
 
 @torch.no_grad()
-def run_layer(layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor]:
+def run_layer(layer: nn.Module, inputs: LayerInputs) -> Batches:
     """The layer's outputs on every cached batch, on CPU (hooks installed by the caller observe the run).
 
-    Activations stay in host memory between layers; each batch visits the layer's device for its run.
+    Activations stay in host memory (or in files, as the inputs do) between layers; each batch visits the
+    layer's device for its run.
     """
     device = next((p.device for p in layer.parameters()), torch.device("cpu"))
-    outputs = []
+    outputs = inputs.new_batches()
     for hidden, kwargs in zip(inputs.hidden, inputs.kwargs, strict=True):
         outputs.append(layer_output(layer(hidden.to(device), **to_device(kwargs, device))).cpu())
     return outputs

@@ -73,6 +73,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     mode.add_argument("--in-memory", action="store_true", help="Load the whole model even if it is large.")
     placement.add_argument("--resume", action="store_true",
                            help="Streaming: continue an interrupted run of the same command after its last layer.")
+    placement.add_argument("--activations", choices=["auto", "memory", "disk"], default="auto",
+                           help="Streaming: where calibration hidden states wait between layers; auto spills them to "
+                           "files beside the output when one copy would take over a quarter of the free memory.")
     parser.add_argument("--output", required=True, metavar="DIR",
                         help="Folder for the reduced checkpoint (new or empty).")
     parser.add_argument("--overwrite", action="store_true",
@@ -300,7 +303,7 @@ def _stream_steps(model_path, args, configs, rows, device, recipe, options) -> P
         folder = _with_cli_names(
             reduce_checkpoint, source, target, config, calibration=rows, device=device, dtype=args.dtype,
             trust_remote_code=args.trust_remote_code, overwrite=args.overwrite or not last, resume=args.resume,
-            recipe=recipe if last else None, base_model=args.base_model if last else None, **options,
+            activations=args.activations, recipe=recipe if last else None, base_model=args.base_model if last else None, **options,
         )
         source = folder
     shutil.rmtree(steps_dir, ignore_errors=True)
@@ -310,6 +313,7 @@ def _stream_steps(model_path, args, configs, rows, device, recipe, options) -> P
 def should_stream(model_path: str, model_config: Any) -> bool:
     """Stream a local decoder-only safetensors checkpoint that would not fit in memory twice over
     (loading plus the copy the in-memory path makes while saving)."""
+    from ..memory import available_memory
     from ..pipeline.shards import checkpoint_bytes
 
     folder = Path(model_path).expanduser()
@@ -320,17 +324,6 @@ def should_stream(model_path: str, model_config: Any) -> bool:
     except ValueError:  # no safetensors: only the in-memory loader reads it
         return False
     return 2.5 * size > available_memory()
-
-
-def available_memory() -> int:
-    """Bytes of memory available to a new allocation (MemAvailable on Linux; physical memory elsewhere)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def parse_max_memory(text: str) -> dict[int | str, str]:

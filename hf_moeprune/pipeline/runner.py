@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..calibration.sequential import LayerInputs, run_layer
+from ..calibration.sequential import LayerInputs, release, run_layer
 from ..calibration.statistics import run_calibration
 from ..methods.base import ExpertMethod, Needs
 from ..moe_layers import MoELayer
@@ -149,11 +149,19 @@ def _sweep(
             else:
                 seen, outputs = observe([unit], method, needs, lambda unit=unit: run_layer(unit.module, inputs))
                 yield unit, seen[unit.path]
-                inputs.hidden = run_layer(unit.module, inputs) if propagate == "reduced" else outputs
+                previous = inputs.hidden
+                if propagate == "reduced":
+                    release(outputs)
+                    outputs = run_layer(unit.module, inputs)
+                inputs.hidden = outputs
             source.finish(unit, write)
             if finished is not None and write:
                 finished(unit, inputs)
+            if batches is not None and source.layerwise:
+                release(previous)  # only now: the resume state saved above no longer refers to it
             bar.update()
+        if inputs is not None:
+            release(inputs.hidden)  # the last layer's outputs: no layer follows
         source.close(write)
     finally:
         bar.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -41,9 +42,10 @@ class InMemorySource:
         self.units = decoder_units(model, moe_layers) if self.layerwise else block_units(model, moe_layers)
         self.onload = device if device is not None and self.layerwise else None
         self._home: dict[int, torch.device] = {}
+        self.spill: Path | None = None  # a folder: hidden states wait between layers in files there
 
     def capture(self, batches: Sequence[torch.Tensor]) -> LayerInputs:
-        return capture_layer_inputs(self.model, batches)
+        return capture_layer_inputs(self.model, batches, self.spill)
 
     def load(self, position: int, weights: Weights = "all") -> Unit:
         """The unit at `position`, its weights in memory (`weights="router"`: at least the router rows)."""

@@ -19,6 +19,7 @@ import torch
 
 from ..checkpoint import _process_alive, check_output_dir, save_checkpoint
 from ..config import MoEPruneConfig
+from ..memory import available_memory
 from ..methods import get_method
 from .shards import CheckpointReader, ShardWriter, checkpoint_bytes
 from .sources import StreamingSource
@@ -100,6 +101,7 @@ def reduce_checkpoint(
     trust_remote_code: bool = False,
     overwrite: bool = False,
     resume: bool = False,
+    activations: str = "auto",
     progress: bool = True,
     recipe: dict[str, Any] | None = None,
     base_model: str | None = None,
@@ -117,6 +119,9 @@ def reduce_checkpoint(
         device: Where each layer runs: `cpu`, `cuda`, `cuda:N` or `auto`.
         dtype: Compute and output dtype; default the checkpoint's.
         resume: Continue an interrupted run of the same recipe after its last finished layer.
+        activations: Where calibration hidden states wait between layers: `memory`, `disk` (files in the
+            run's folder beside the output, one batch in memory at a time) or `auto` (disk when one copy
+            would take over a quarter of the available memory).
         recipe: The recipe file content of the whole run (CLI), kept in the record for the card.
         base_model: The Hub id the input came from, for the card (default: `model` when it is a Hub id).
         **calibration_options: `seq_len`, `batch_size`, `max_sequences`, `description`.
@@ -128,6 +133,8 @@ def reduce_checkpoint(
     from ..modeling import MoEPruneModel, _write_card
 
     method = get_method(config.method)(config)  # option errors first
+    if activations not in ("auto", "memory", "disk"):
+        raise ValueError(f"activations={activations!r} is not one of auto, memory, disk.")
     folder = local_checkpoint(model, **(hub_kwargs or {}))
     hf_config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     family = family_for_model_type(hf_config.model_type)
@@ -158,12 +165,18 @@ def reduce_checkpoint(
         "dtype": str(torch_dtype), "calibration": data.record() if data is not None else None,
     }
     state = _previous_run(partial, fingerprint, resume=resume, overwrite=overwrite)
+    spill = None
+    if data is not None and (activations == "disk" or (
+            activations == "auto" and 4 * activation_bytes(data, hf_config, torch_dtype) > available_memory())):
+        spill = partial / "activations"
+        logger.info("Calibration activations wait between layers in files under %s.", spill)
 
     def phase_source(phase: int) -> StreamingSource:
         target = partial / f"phase-{phase}"
         target.mkdir(parents=True, exist_ok=True)
         previous = partial / f"phase-{phase - 1}" if phase else folder
         source = StreamingSource(meta, layers, CheckpointReader(previous, meta, torch_dtype), None, target_device)
+        source.spill = spill
         source.writer = ShardWriter(target, len(source.units))
         source.consume_input = phase > 0  # never the user's input
         return source
@@ -206,6 +219,13 @@ def reduce_checkpoint(
         raise
     shutil.rmtree(partial, ignore_errors=True)
     return saved
+
+
+def activation_bytes(data: Any, config: Any, dtype: torch.dtype | None) -> int:
+    """Bytes of one copy of the calibration hidden states entering a decoder layer."""
+    hidden = getattr(config, "hidden_size", None) or getattr(config.get_text_config(), "hidden_size", 0)
+    itemsize = (dtype or torch.float32).itemsize
+    return sum(batch.numel() for batch in data.batches) * hidden * itemsize
 
 
 def _write_state(partial: Path, state: dict[str, Any]) -> None:
