@@ -56,11 +56,11 @@ class UnstructuredMethod(ExpertMethod):
             )
         if self.config.weight_sparsity is None and self.config.nm_pattern is None:
             raise ValueError(f"Method {self.name!r} needs weight_sparsity (or nm_pattern).")
-        options_from_config(self.config, self.algorithm)  # option errors before calibration
+        options_from_config(self.config, self.algorithm, self.opts)  # option errors before calibration
 
     def __init__(self, config) -> None:
         super().__init__(config)
-        self.engine = WeightPruning(options_from_config(config, self.algorithm), self.name)
+        self.engine = WeightPruning(options_from_config(config, self.algorithm, self.opts), self.name)
 
     @property
     def needs(self) -> Needs:
