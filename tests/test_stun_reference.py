@@ -174,6 +174,13 @@ def test_uniform_gives_one_count_per_layer_from_the_total_that_loads_natively(tm
     torch.testing.assert_close(logits_of(plain, IDS), logits, rtol=0, atol=0)
 
 
+def test_uniform_refuses_a_total_that_does_not_split_into_one_count_per_layer():
+    wrapped = AutoMoEPruneModelForCausalLM.from_model(build_tiny_model("mixtral"))  # 2 layers of 6 experts
+    with pytest.raises(ValueError, match=r"num_experts_total=9 does not split .* keeps 8\); ask for 8"):
+        wrapped.prune_experts(MoEPruneConfig(method="stun", num_experts_total=9, method_options={"uniform": True}))
+    assert [s["num_experts"] for s in wrapped.summary()] == [6, 6]
+
+
 def test_frequency_refuses_uniform_with_adaptive_before_calibration():
     wrapped = AutoMoEPruneModelForCausalLM.from_model(build_tiny_model("mixtral"))
     config = MoEPruneConfig(method="frequency", expert_sparsity=0.5, adaptive=True, method_options={"uniform": True})

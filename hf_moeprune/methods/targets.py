@@ -80,7 +80,8 @@ def check_layer_count(layer: MoELayer, count: int, config: MoEPruneConfig) -> No
 
 def uniform_counts(layers: list[MoELayer], config: MoEPruneConfig) -> dict[str, int]:
     """Per-layer counts when every layer keeps the same share: `experts_per_layer`, or `expert_sparsity`
-    applied to each layer, or `num_experts_total` split evenly."""
+    applied to each layer, or `num_experts_total` split evenly (refused when it does not split exactly, rather
+    than keeping another total than the one asked)."""
     counts = {}
     total_experts = sum(layer.num_experts for layer in layers)
     for layer in layers:
@@ -92,6 +93,12 @@ def uniform_counts(layers: list[MoELayer], config: MoEPruneConfig) -> dict[str, 
             count = round(config.num_experts_total * layer.num_experts / total_experts)
         check_layer_count(layer, count, config)
         counts[layer.path] = count
+    kept = sum(counts.values())
+    if config.num_experts_total is not None and kept != config.num_experts_total:
+        raise ValueError(
+            f"num_experts_total={config.num_experts_total} does not split into one count per layer over "
+            f"{len(layers)} MoE layers (the nearest split keeps {kept}); ask for {kept}, or use experts_per_layer."
+        )
     return counts
 
 

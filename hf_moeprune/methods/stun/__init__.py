@@ -24,8 +24,19 @@ Phase 1 (expert pruning, no forward pass for the router-weight distance):
   4. Each cluster keeps the member nearest the centroid of the members' flattened weights
      (`dsatur_select_mean_weight_merge`, l.172-186); a layer left with at most `merge_max_clusters` clusters
      averages every cluster instead (`dsatur_merge_experts`, l.157-170, and its router rows, l.119-136).
-Phase 2 (`weight_sparsity` or `nm_pattern` set): Wanda or OWL on the reduced model, see
-`hf_moeprune.methods.unstructured`.
+  5. Group-limited routing (DeepSeek-V3 / GLM-4.5 with `n_group` > 1; the reference has no such model):
+     each routing group is clustered on its own, on the layer's distances (still divided by the whole
+     router's norm), so merges stay inside a group and every group keeps the same count. `uniform`: each
+     group keeps count / G. Global threshold: every group of a layer keeps as many clusters as the group
+     that merged least under the threshold (the greedy merges are a sequence, the others stop after their
+     first ones), so no group merges a pair the threshold does not allow; the total must then be a multiple
+     of G (refused before any work otherwise). `top_k` merges per layer are shared as top_k // G per group;
+     a layer keeps at least its router's top-k, rounded up to 2 per group.
+Phase 2 (`weight_sparsity` or `nm_pattern` set): Wanda or OWL on the reduced model (see
+`hf_moeprune.methods.unstructured`) over every linear of each decoder layer, routers included
+(`targets="all_linear"`), as the reference's `prune_wanda_outlier` with `find_layers` (`OWL/lib/prune_all.py`
+l.60-79, 818-1071; its Mixtral `gate` is an `nn.Linear`, `utils/modeling_mixtral.py` l.835). A router's
+input norm is over every token of its layer. `targets="experts"` prunes inside the experts only.
 
 Where this differs from the code, by choice:
   * `top_k` defaults to E - the router's top-k (the code's default is 1 merge per layer, its README uses
@@ -37,6 +48,8 @@ Where this differs from the code, by choice:
     cluster below the threshold, whereas the greedy rule only checks distances to the joining pair.
   * `average_clusters_up_to`: average clusters of at most this many members (a per-cluster rule the code
     does not have; 0 = off).
+  * Phase 2: a linear no calibration token reached (an expert never routed) is pruned by weight magnitude;
+    the code skips it (`NO SAMPLES`, l.1006-1008), leaving it dense.
 
 Example:
     >>> model.prune_experts(MoEPruneConfig(method="stun", expert_sparsity=0.25))   # no calibration needed

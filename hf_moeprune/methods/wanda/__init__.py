@@ -3,8 +3,8 @@
 Paper: https://arxiv.org/abs/2306.11695. Inputs are collected layer by layer (each layer sees the already
 pruned earlier layers); an expert's inputs are the tokens routed to it.
 
-Options (`MoEPruneConfig.method_options`): `targets` (list or comma string of `experts`, `attention`,
-`dense_mlp`, `all_linear`; default `experts`), `sequential` (default True).
+Options (`MoEPruneConfig.method_options`): `targets` (list or comma string of `experts`, `router`,
+`attention`, `dense_mlp`, `all_linear` = all of them; default `experts`), `sequential` (default True).
 
 Example:
     >>> model.prune_experts(MoEPruneConfig(method="wanda", weight_sparsity=0.5), calibration=texts)
