@@ -1,4 +1,4 @@
-"""STUN: structured-then-unstructured pruning. Experts by router-weight clustering, then Wanda/OWL inside.
+"""STUN: structured-then-unstructured pruning. Experts by router-weight clustering, then Wanda/OWL on the weights.
 
 Paper: Lee et al., "STUN: Structured-Then-Unstructured Pruning for Scalable MoE Pruning" (ACL 2025),
 https://arxiv.org/abs/2409.06211, code https://github.com/thnkinbtfly/STUN. The defaults follow the code
@@ -49,7 +49,7 @@ Where this differs from the code, by choice:
   * `average_clusters_up_to`: average clusters of at most this many members (a per-cluster rule the code
     does not have; 0 = off).
   * Phase 2: a linear no calibration token reached (an expert never routed) is pruned by weight magnitude;
-    the code skips it (`NO SAMPLES`, l.1006-1008), leaving it dense.
+    the code skips it (`OWL/lib/prune_all.py` l.1006-1008, `NO SAMPLES`), leaving it dense.
 
 Example:
     >>> model.prune_experts(MoEPruneConfig(method="stun", expert_sparsity=0.25))   # no calibration needed
@@ -278,7 +278,7 @@ class STUN(ExpertMethod):
         return result
 
     def second_phase(self) -> WeightPruning | None:
-        """Phase 2: Wanda / OWL inside the surviving experts, on the model as phase 1 left it."""
+        """Phase 2: Wanda / OWL on the decoder layers' weights (`targets`), on the model as phase 1 left it."""
         if not self.has_phase2:
             return None
         return WeightPruning(options_from_config(self.config, self._algorithm(), self.opts))
