@@ -10,11 +10,14 @@ import pytest
 import torch
 from conftest import VOCAB, build_tiny_model, logits_of
 from test_reference_defaults import reference_select_expert_pairs
+from test_streaming import CALIB as STREAMING_CALIB  # what `in_memory` calibrates with
+from test_streaming import assert_same_checkpoint, in_memory, sharded_checkpoint
 from transformers import AutoModelForCausalLM
 
 from hf_moeprune import AutoMoEPruneModelForCausalLM
 from hf_moeprune.config import MoEPruneConfig
 from hf_moeprune.methods.unstructured import row_prune_mask
+from hf_moeprune.pipeline.streaming import reduce_checkpoint
 
 CALIB = torch.randint(3, VOCAB, (4, 16), generator=torch.Generator().manual_seed(2))
 IDS = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
@@ -113,6 +116,13 @@ def test_a_total_that_cannot_split_into_equal_groups_is_refused_before_any_work(
         wrapped.prune_experts(MoEPruneConfig(method="stun", num_experts_total=11, weight_sparsity=0.5),
                               calibration=None)
     assert [s["num_experts"] for s in wrapped.summary()] == [8, 8]
+
+
+def test_grouped_stun_with_phase2_streams_to_the_in_memory_result(tmp_path):
+    source = sharded_checkpoint(tmp_path / "in", "deepseek_v3", n_routed_experts=8, n_group=2, topk_group=1)
+    config = MoEPruneConfig(method="stun", num_experts_total=12, weight_sparsity=0.4)  # OWL over every linear
+    reduce_checkpoint(source, tmp_path / "streamed", config, calibration=STREAMING_CALIB, progress=False)
+    assert_same_checkpoint(in_memory(source, tmp_path / "memory", config), tmp_path / "streamed")
 
 
 # --------------------------------------------------------------------------------- phase 2 scope
