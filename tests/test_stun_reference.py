@@ -8,7 +8,7 @@ import logging
 
 import pytest
 import torch
-from conftest import VOCAB, build_tiny_model, logits_of
+from conftest import FAMILIES, VOCAB, build_tiny_model, logits_of
 from test_reference_defaults import reference_select_expert_pairs
 from test_streaming import CALIB as STREAMING_CALIB  # what `in_memory` calibrates with
 from test_streaming import assert_same_checkpoint, in_memory, sharded_checkpoint
@@ -157,6 +157,25 @@ def test_phase2_prunes_every_linear_and_the_router_by_the_reference_score():
             assert _zero_share(param) == 0.5, name
     assert _zero_share(wrapped.model.model.embed_tokens.weight) == 0.0
     assert _zero_share(wrapped.model.lm_head.weight) == 0.0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_router_target_prunes_every_family_router_and_nothing_else(family):
+    """Routers are modules of their own in transformers 5 (nn.Linear only in phimoe and switch): the router
+    kind reaches each, with half of every row zeroed, and leaves every other weight alone."""
+    model = build_tiny_model(family)
+    wrapped = AutoMoEPruneModelForCausalLM.from_model(model)
+    routers = {id(layer.router_tensors()["weight"]) for layer in wrapped.moe_layers()}
+    before = {name: param.detach().clone() for name, param in model.named_parameters()}
+    wrapped.prune_experts(
+        MoEPruneConfig(method="wanda", weight_sparsity=0.5, method_options={"targets": "router"}), calibration=CALIB
+    )
+    for name, param in model.named_parameters():
+        if id(param) in routers:
+            assert _zero_share(param) == 0.5, name
+        else:
+            assert torch.equal(param, before[name]), name
+    assert len(routers) == len(wrapped.moe_layers())
 
 
 def test_phase2_targets_experts_keeps_router_and_attention():

@@ -66,7 +66,7 @@ class UnstructuredMethod(ExpertMethod):
     def needs(self) -> Needs:
         return self.engine.needs
 
-    def linear_targets(self, unit: Unit) -> dict[str, nn.Linear]:
+    def linear_targets(self, unit: Unit) -> dict[str, nn.Module]:
         return self.engine.linear_targets(unit)
 
     def summarize(self, unit: Unit, observation: Observation) -> tuple:
