@@ -73,7 +73,7 @@ CLI_CASES = [
     ("option-without-equals", ["prune", "--experts-per-layer", "3", "--option", "distance"], 2,
      ["KEY=VALUE", "distance"]),
     ("option-typo-frequency", ["prune", "--experts-per-layer", "3", "--option", "distanse=router"], 2,
-     ["distanse", "no options"]),
+     ["distanse", "valid options: uniform"]),
     ("option-typo-stun", ["prune", "--method", "stun", "--experts-per-layer", "3", "--option", "distanse=mix"], 2,
      ["distanse", "distance"]),
     ("option-typo-reap", ["prune", "--method", "reap", "--experts-per-layer", "3", "--option", "protect=1"], 2,
@@ -270,7 +270,8 @@ def test_api_bad_calibration_options(model, no_calibration, sample_texts, option
 
 @pytest.mark.parametrize("method, options, words", [
     ("reap", {"super_expert_quantile": "high"}, "super_expert_quantile"),
-    ("frequency", {"distanse": 1}, "no options"),
+    ("random", {"distanse": 1}, "no options"),
+    ("frequency", {"distanse": 1}, "valid options: uniform"),
     ("stun", {"distanse": "mix"}, "valid options: .*distance"),
 ])
 def test_api_bad_method_options(model, no_calibration, sample_texts, method, options, words):

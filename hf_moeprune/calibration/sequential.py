@@ -160,16 +160,17 @@ def to_device(value: Any, device: torch.device | str) -> Any:
 
 
 class InputNormCollector:
-    """Sum of squared inputs per input feature of plain `nn.Linear` modules (Wanda's ||X_j||_2^2).
+    """Sum of squared inputs per input feature of modules applying a `[out, in]` weight to their first input
+    (`nn.Linear`, and MoE routers, which are not `nn.Linear` in transformers 5): Wanda's ||X_j||_2^2.
 
     Args:
-        modules: `{path: linear}` to observe.
+        modules: `{path: module}` to observe.
     """
 
-    def __init__(self, modules: dict[str, nn.Linear]) -> None:
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
         self.modules = modules
         self.sq: dict[str, torch.Tensor] = {
-            p: torch.zeros(m.in_features, dtype=torch.float64) for p, m in modules.items()
+            p: torch.zeros(m.weight.shape[-1], dtype=torch.float64) for p, m in modules.items()
         }
         self.tokens: dict[str, int] = dict.fromkeys(modules, 0)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []

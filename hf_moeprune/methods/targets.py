@@ -7,14 +7,27 @@ of E as a member of group `j // (E / G)`, so a layer's budget is split per group
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import math
+from collections.abc import Mapping, Sequence
 
 from ..config import MoEPruneConfig
 from ..moe_layers import MoELayer
+from ..surgery import LayerPlan
+
+logger = logging.getLogger(__name__)
 
 
 def effective_top_k(layer: MoELayer, config: MoEPruneConfig) -> int:
     return config.top_k if config.top_k is not None else layer.top_k
+
+
+def fewest_experts(layer: MoELayer, config: MoEPruneConfig) -> int:
+    """The fewest experts `layer` can keep: its router's top-k, and under group-limited routing a multiple of
+    the G groups with at least 2 per group (the router scores each group by its top-2)."""
+    top_k = effective_top_k(layer, config)
+    groups = layer.num_expert_groups
+    return top_k if groups == 1 else groups * max(2, -(-top_k // groups))
 
 
 def expert_groups(layer: MoELayer) -> list[list[int]]:
@@ -67,7 +80,8 @@ def check_layer_count(layer: MoELayer, count: int, config: MoEPruneConfig) -> No
 
 def uniform_counts(layers: list[MoELayer], config: MoEPruneConfig) -> dict[str, int]:
     """Per-layer counts when every layer keeps the same share: `experts_per_layer`, or `expert_sparsity`
-    applied to each layer, or `num_experts_total` split evenly."""
+    applied to each layer, or `num_experts_total` split evenly (refused when it does not split exactly, rather
+    than keeping another total than the one asked)."""
     counts = {}
     total_experts = sum(layer.num_experts for layer in layers)
     for layer in layers:
@@ -79,13 +93,24 @@ def uniform_counts(layers: list[MoELayer], config: MoEPruneConfig) -> dict[str, 
             count = round(config.num_experts_total * layer.num_experts / total_experts)
         check_layer_count(layer, count, config)
         counts[layer.path] = count
+    kept = sum(counts.values())
+    if config.num_experts_total is not None and kept != config.num_experts_total:
+        raise ValueError(
+            f"num_experts_total={config.num_experts_total} does not split into one count per layer over "
+            f"{len(layers)} MoE layers (the nearest split keeps {kept}); ask for {kept}, or use experts_per_layer."
+        )
     return counts
 
 
-def total_budget(layers: list[MoELayer], config: MoEPruneConfig) -> int:
-    """Experts kept over all layers, for methods that spread the budget unevenly."""
+def total_budget(layers: list[MoELayer], config: MoEPruneConfig, per_group: bool = False) -> int:
+    """Experts kept over all layers, for methods that spread the budget unevenly.
+
+    Args:
+        per_group: The method keeps the routing groups of every layer equal (STUN clusters each group on its
+            own), so group-limited routing is accepted when the total splits into equal groups.
+    """
     grouped = [layer for layer in layers if layer.num_expert_groups > 1]
-    if grouped:
+    if grouped and not per_group:
         raise ValueError(
             f"Non-uniform per-layer counts would not keep the expert groups of group-limited routing equal "
             f"({grouped[0].path}, {describe_groups(grouped[0])}); use uniform counts (adaptive=False, uniform=True)."
@@ -97,12 +122,36 @@ def total_budget(layers: list[MoELayer], config: MoEPruneConfig) -> int:
         kept = total - round(total * config.expert_sparsity)
     else:
         kept = config.experts_per_layer * len(layers)
-    floor = sum(effective_top_k(layer, config) for layer in layers)
+    floor = sum(fewest_experts(layer, config) for layer in layers)
     if kept >= total:
         raise ValueError(f"Target of {kept} experts in total is not below the model's {total} experts.")
     if kept < floor:
         raise ValueError(
-            f"Target of {kept} experts in total cannot give every layer its top-k ({floor} needed); "
+            f"Target of {kept} experts in total cannot give every layer its top-k"
+            f"{' and 2 experts per routing group' if grouped else ''} ({floor} needed); "
             "lower top-k with MoEPruneConfig(top_k=...) or keep more experts."
         )
+    step = math.gcd(*(layer.num_expert_groups for layer in layers))
+    if grouped and kept % step:
+        raise ValueError(
+            f"Target of {kept} experts in total cannot keep the expert groups of group-limited routing equal "
+            f"({describe_groups(grouped[0])} in every layer); choose a multiple of {step}."
+        )
     return kept
+
+
+def warn_routers_without_choice(layers: Sequence[MoELayer], plans: Mapping[str, LayerPlan]) -> list[str]:
+    """Log one warning naming the reduced layers left with exactly their top-k experts: every token then
+    runs all of them, so the router no longer chooses (it only weighs them). Returns those layers' paths.
+    Tied routers are left out: their E rows still choose, and may send a token's picks to one expert."""
+    paths = [
+        layer.path for layer in layers
+        if layer.path in plans and not plans[layer.path].tied_router and layer.num_experts == layer.top_k
+    ]
+    if paths:
+        logger.warning(
+            "%d layer(s) keep exactly their top-k experts, so their router no longer chooses which experts run "
+            "(every token uses all of them): %s. Keep more experts, or lower top-k with MoEPruneConfig(top_k=...), "
+            "if the router should still choose.", len(paths), ", ".join(paths),
+        )
+    return paths

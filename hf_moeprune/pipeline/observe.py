@@ -26,14 +26,15 @@ class Observation:
     Attributes:
         statistics: `LayerStatistics` per MoE layer path.
         block_inputs: Hidden states entering each MoE block, `[T, H]` float32 on CPU, per MoE layer path.
-        linear_sq: Sum of squared inputs per input feature of each observed linear (Wanda's ||X_j||^2).
-        linears: The observed linears by path (what `linear_sq` is about).
+        linear_sq: Sum of squared inputs per input feature of each observed linear or router (Wanda's
+            ||X_j||^2; a router sees every token of its layer, as the reference's `gate` nn.Linear does).
+        linears: The observed linears and routers by path (what `linear_sq` is about).
     """
 
     statistics: dict[str, LayerStatistics] = field(default_factory=dict)
     block_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     linear_sq: dict[str, torch.Tensor] = field(default_factory=dict)
-    linears: dict[str, nn.Linear] = field(default_factory=dict)
+    linears: dict[str, nn.Module] = field(default_factory=dict)
 
 
 def observe(

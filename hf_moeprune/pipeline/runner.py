@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from ..calibration.sequential import LayerInputs, release, run_layer
 from ..calibration.statistics import run_calibration
 from ..methods.base import ExpertMethod, Needs
+from ..methods.targets import warn_routers_without_choice
 from ..moe_layers import MoELayer
 from ..progress import progress_bars_disabled
 from ..surgery import ReductionPlan, apply_plan
@@ -100,6 +101,7 @@ def run_method(
                 apply_plan(unit.moe_layers, ReductionPlan(layers=result.plans, top_k=top_k))
                 report.plan.layers.update(result.plans)
             report.weight_sparsity.update(result.weight_sparsity)
+        warn_routers_without_choice(source.moe_layers, report.plan.layers)
     finally:
         source.model.train(was_training)
     report.details = method.details

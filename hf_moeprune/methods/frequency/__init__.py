@@ -3,12 +3,14 @@
 The naive baseline that UNCURL, MC-SMoE and STUN compare against. Per layer, experts are ranked by their
 share of the layer's routed assignments (ties broken by router-probability mass) and the top `n` kept. With
 `MoEPruneConfig(adaptive=True)` one global ranking of those shares picks the experts under the total budget,
-every layer keeping at least its top-k, which gives non-uniform per-layer counts. Under group-limited
-routing each group keeps its own most-routed experts, `n / G` of them (`targets.keep_per_group`).
+every layer keeping at least its top-k, which gives non-uniform per-layer counts. Option `uniform=True` (one
+count per layer, what serving engines load) is the per-layer ranking, so it refuses `adaptive=True`. Under
+group-limited routing each group keeps its own most-routed experts, `n / G` of them (`targets.keep_per_group`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -24,15 +26,26 @@ if TYPE_CHECKING:
     from ...pipeline import Observation, Unit
 
 
+@dataclass
+class FrequencyOptions:
+    uniform: bool = False
+
+
 @register_method
 class FrequencyPruning(ExpertMethod):
     name = "frequency"
     pretty_name = "Activation-frequency expert pruning"
     kind = "prune"
     group_aware = True
+    Options = FrequencyOptions
 
     def validate(self, layers) -> None:
         super().validate(layers)
+        if self.opts.uniform and self.config.adaptive:
+            raise ValueError(
+                "frequency: uniform=True asks for one count per layer but adaptive=True gives each layer its own; "
+                "drop adaptive=True (the per-layer ranking is the uniform result)."
+            )
         if self.config.adaptive:
             total_budget(layers, self.config)
         else:

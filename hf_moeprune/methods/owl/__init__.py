@@ -7,8 +7,8 @@ into [0, 2*lambda]; s_l = s - (r_l - mean(r)), whose plain mean is the target s,
 Options: `owl_m` (M, default 3: the code's default; its README commands use 5), `owl_lambda` (default 0.08),
 `owl_balance` (`"mean"`, the code's, or `"size_weighted"`: the share of zeros over all pruned weights hits
 the target; prefer it when layers differ in size, e.g. after STUN), `targets`, `sequential` (see `wanda`).
-The code scores every `nn.Linear` of a decoder layer (attention too); the default here is the experts
-only (`targets="all_linear"` adds attention and dense MLPs; routers are never pruned).
+The code scores every `nn.Linear` of a decoder layer (attention and, in STUN's copy, the router too); the
+default here is the experts only, `targets="all_linear"` is the code's scope (STUN's phase 2 default).
 
 Example:
     >>> model.prune_experts(MoEPruneConfig(method="owl", weight_sparsity=0.5), calibration=texts)

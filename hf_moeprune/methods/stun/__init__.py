@@ -1,4 +1,4 @@
-"""STUN: structured-then-unstructured pruning. Experts by router-weight clustering, then Wanda/OWL inside.
+"""STUN: structured-then-unstructured pruning. Experts by router-weight clustering, then Wanda/OWL on the weights.
 
 Paper: Lee et al., "STUN: Structured-Then-Unstructured Pruning for Scalable MoE Pruning" (ACL 2025),
 https://arxiv.org/abs/2409.06211, code https://github.com/thnkinbtfly/STUN. The defaults follow the code
@@ -24,8 +24,19 @@ Phase 1 (expert pruning, no forward pass for the router-weight distance):
   4. Each cluster keeps the member nearest the centroid of the members' flattened weights
      (`dsatur_select_mean_weight_merge`, l.172-186); a layer left with at most `merge_max_clusters` clusters
      averages every cluster instead (`dsatur_merge_experts`, l.157-170, and its router rows, l.119-136).
-Phase 2 (`weight_sparsity` or `nm_pattern` set): Wanda or OWL on the reduced model, see
-`hf_moeprune.methods.unstructured`.
+  5. Group-limited routing (DeepSeek-V3 / GLM-4.5 with `n_group` > 1; the reference has no such model):
+     each routing group is clustered on its own, on the layer's distances (still divided by the whole
+     router's norm), so merges stay inside a group and every group keeps the same count. `uniform`: each
+     group keeps count / G. Global threshold: every group of a layer keeps as many clusters as the group
+     that merged least under the threshold (the greedy merges are a sequence, the others stop after their
+     first ones), so no group merges a pair the threshold does not allow; the total must then be a multiple
+     of G (refused before any work otherwise). `top_k` merges per layer are shared as top_k // G per group;
+     a layer keeps at least its router's top-k, rounded up to 2 per group.
+Phase 2 (`weight_sparsity` or `nm_pattern` set): Wanda or OWL on the reduced model (see
+`hf_moeprune.methods.unstructured`) over every linear of each decoder layer, routers included
+(`targets="all_linear"`), as the reference's `prune_wanda_outlier` with `find_layers` (`OWL/lib/prune_all.py`
+l.60-79, 818-1071; its Mixtral `gate` is an `nn.Linear`, `utils/modeling_mixtral.py` l.835). A router's
+input norm is over every token of its layer. `targets="experts"` prunes inside the experts only.
 
 Where this differs from the code, by choice:
   * `top_k` defaults to E - the router's top-k (the code's default is 1 merge per layer, its README uses
@@ -37,6 +48,8 @@ Where this differs from the code, by choice:
     cluster below the threshold, whereas the greedy rule only checks distances to the joining pair.
   * `average_clusters_up_to`: average clusters of at most this many members (a per-cluster rule the code
     does not have; 0 = off).
+  * Phase 2: a linear no calibration token reached (an expert never routed) is pruned by weight magnitude;
+    the code skips it (`OWL/lib/prune_all.py` l.1006-1008, `NO SAMPLES`), leaving it dense.
 
 Example:
     >>> model.prune_experts(MoEPruneConfig(method="stun", expert_sparsity=0.25))   # no calibration needed
@@ -48,189 +61,48 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-import numpy as np
 import torch
-from scipy.cluster.hierarchy import linkage
-from scipy.spatial.distance import squareform
 
 from ...moe_layers import MoELayer
 from ...surgery import LayerPlan
 from ..base import ExpertMethod, Needs, UnitResult
 from ..registry import register_method
-from ..targets import check_layer_count, effective_top_k, total_budget, uniform_counts
+from ..targets import check_layer_count, expert_groups, fewest_experts, total_budget, uniform_counts
 from ..unstructured import WeightPruning, options_from_config
 from ..wanda import OWLOptions
+from .clustering import (
+    Dendrogram,
+    GroupedDendrogram,
+    coactivation_distance,
+    global_threshold_counts,
+    greedy_clusters,
+    grouped_greedy_clusters,
+    mixed_distance,
+    pick_representative,
+    router_distance,
+    step_search,
+)
 
 if TYPE_CHECKING:
     from ...pipeline import Observation, Unit
 
-# ---------------------------------------------------------------------------------------------- distance
-
-
-def router_distance(router_weight: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-    """Euclidean distance `[E, E]` between router rows (float32, as `select_expert_pairs` l.71), optionally
-    divided by the router's Frobenius norm (l.72-73)."""
-    w = router_weight.detach().float()
-    d = torch.cdist(w, w)
-    return d / w.norm().clamp(min=1e-12) if normalize else d
-
-
-def coactivation_distance(coactivation: torch.Tensor, divide_mean: bool = False) -> torch.Tensor:
-    """`-C` from the co-occurrence counts C of experts routed together (diagonal 0, as the reference's
-    `assemble_logit_patterns.py` builds it), divided by |mean C| when `divide_mean` (l.55-67)."""
-    c = coactivation.detach().float().clone()
-    c.fill_diagonal_(0.0)
-    d = -c
-    return d / d.mean().abs().clamp(min=1e-12) if divide_mean else d
-
-
-def mixed_distance(coactivation: torch.Tensor, router_weight: torch.Tensor, mix_weight: float) -> torch.Tensor:
-    """`mix_weight * (-C / |mean C|) + cdist(W)` (l.59-63; the router part is never divided by its norm)."""
-    return mix_weight * coactivation_distance(coactivation, True) + router_distance(router_weight, False)
-
-
-def greedy_clusters(distance: torch.Tensor, threshold: float, max_merges: int) -> list[list[int]]:
-    """The reference's `greedy_but_reject_mixed` clusters of one layer (`select_expert_pairs`, l.75-113).
-
-    The closest remaining pair (v1, v2) joins its two clusters when every distance from C(v1) to v2 and
-    from C(v2) to v1 is below `threshold` (those entries are then blanked); otherwise only that pair is
-    blanked. Stops when no distance is below the threshold or after `max_merges` merges.
-    """
-    values = distance.detach().float().cpu().numpy().copy()  # numpy: the loop touches single entries
-    n = values.shape[0]
-    np.fill_diagonal(values, np.inf)
-    cluster_of = [frozenset([e]) for e in range(n)]
-    clusters = n
-    while clusters > n - max_merges and float(values.min()) < threshold:
-        v1, v2 = divmod(int(np.argmin(values)), n)  # first minimum in row-major order, as torch's argmin
-        a, b = cluster_of[v1], cluster_of[v2]
-        checked = [(c, v2) for c in a] + [(c, v1) for c in b]
-        if all(values[i, j] < threshold for i, j in checked):
-            for i, j in checked:
-                values[i, j] = np.inf
-            for e in a | b:
-                cluster_of[e] = a | b
-            clusters -= 1
-        else:
-            values[v1, v2] = values[v2, v1] = np.inf
-    return sorted((sorted(c) for c in set(cluster_of)), key=lambda m: m[0])
-
-
-def step_search(total: Callable[[float], int], target: int, start: float, step: float = 0.1) -> float:
-    """The reference's threshold search (`merge_weight.py` `__main__`, l.286-319): move the threshold by
-    `step` towards the target, doubling the step until the direction first flips, halving it after; a
-    ValueError when ten trials in a row give the same total."""
-    threshold, last, flipped, seen = start, 0, False, []
-    while True:
-        reached = total(threshold)
-        if reached == target:
-            return threshold
-        direction = 1 if reached > target else -1
-        seen.append(reached)
-        if len(seen) > 10 and min(seen[-10:]) == max(seen[-10:]):
-            raise ValueError(
-                f"STUN's step search cannot reach exactly {target} experts (it stays at {reached}); "
-                "choose another target, another start threshold, or method_options merge_method='complete' "
-                "(exact by bisection)."
-            )
-        flipped = flipped or last * direction < 0
-        step = step / 2 if flipped else step * 2
-        threshold += step * direction
-        last = direction
-
-
-# -------------------------------------------------------------------------------------------- clustering
-
-
-@dataclass
-class Dendrogram:
-    """Complete-linkage merges of one layer: `merges[i] = (a, b)` in scipy's cluster ids, heights ascending."""
-
-    num_experts: int
-    merges: np.ndarray
-    heights: np.ndarray
-
-    @classmethod
-    def from_distance(cls, distance: torch.Tensor) -> Dendrogram:
-        d = distance.detach().double().cpu().numpy()
-        d = (d + d.T) / 2
-        np.fill_diagonal(d, 0.0)
-        z = linkage(squareform(d, checks=False), method="complete")
-        # complete linkage heights are monotone; the maximum guards against float round-off
-        return cls(
-            num_experts=d.shape[0], merges=z[:, :2].astype(int), heights=np.maximum.accumulate(z[:, 2])
-        )
-
-    def count_at(self, threshold: float, floor: int) -> int:
-        """Clusters left when merging every pair of clusters closer than `threshold`, never below `floor`."""
-        return max(floor, self.num_experts - int(np.sum(self.heights <= threshold)))
-
-    def clusters(self, count: int) -> list[list[int]]:
-        """The clusters after the first `num_experts - count` merges (sorted by smallest member)."""
-        members: dict[int, list[int]] = {e: [e] for e in range(self.num_experts)}
-        for step in range(self.num_experts - count):
-            a, b = (int(v) for v in self.merges[step])
-            members[self.num_experts + step] = members.pop(a) + members.pop(b)
-        return sorted((sorted(m) for m in members.values()), key=lambda m: m[0])
-
-
-def global_threshold_counts(
-    dendrograms: dict[str, Dendrogram], floors: dict[str, int], target: int, iterations: int = 100
-) -> tuple[dict[str, int], float]:
-    """Per-layer cluster counts under one global threshold, found by bisection to total `target`.
-
-    Counts are step functions of the threshold; where several merges share the threshold height (ties), the
-    ones in earlier layers are taken first so the total is exactly `target`.
-    """
-    paths = list(dendrograms)
-
-    def total(t: float) -> int:
-        return sum(dendrograms[p].count_at(t, floors[p]) for p in paths)
-
-    # below every merge height (co-activation distances -C are negative) up to above all of them
-    lo = min((float(d.heights.min()) for d in dendrograms.values() if d.heights.size), default=0.0) - 1.0
-    hi = max((float(d.heights.max()) for d in dendrograms.values() if d.heights.size), default=0.0) + 1.0
-    if total(hi) > target:
-        raise ValueError(
-            f"Cannot reach {target} experts: the per-layer top-k floors allow {total(hi)} at least."
-        )
-    for _ in range(iterations):  # invariant: total(lo) > target >= total(hi)
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if total(mid) > target else (lo, mid)
-    # the critical merge height: the smallest one above `lo` (bisection brackets it, lo < t <= hi)
-    heights = np.concatenate([d.heights for d in dendrograms.values()] + [np.array([hi])])
-    threshold = float(heights[heights > lo].min())
-    # strictly below the threshold: taken; at the threshold: taken in layer order until the target is met
-    counts = {p: dendrograms[p].count_at(np.nextafter(threshold, -np.inf), floors[p]) for p in paths}
-    excess = sum(counts.values()) - target
-    for p in paths:
-        if excess <= 0:
-            break
-        reachable = dendrograms[p].count_at(threshold, floors[p])
-        take = min(excess, counts[p] - reachable)
-        counts[p] -= take
-        excess -= take
-    return counts, float(threshold)
-
-
-def pick_representative(members: list[int], features: Sequence[torch.Tensor], chunk: int = 1 << 22) -> int:
-    """The member nearest the members' centroid, the features being the expert tensors `[E, ...]` taken
-    together (all of an expert's weights as one vector, or its router row).
-
-    The squared distance is summed over slices of `chunk` elements per member, in float64: a streamed
-    layer's experts, most of its memory, are never copied whole.
-    """
-    squared = torch.zeros(len(members), dtype=torch.float64)
-    for tensor in features:
-        flat = tensor.detach()[members].reshape(len(members), -1)
-        for start in range(0, flat.shape[1], chunk):
-            x = flat[:, start : start + chunk].double()
-            squared += (x - x.mean(0, keepdim=True)).pow(2).sum(1).cpu()
-    return members[int(torch.argmin(squared))]
+__all__ = [
+    "STUN",
+    "Dendrogram",
+    "GroupedDendrogram",
+    "STUNOptions",
+    "coactivation_distance",
+    "global_threshold_counts",
+    "greedy_clusters",
+    "grouped_greedy_clusters",
+    "mixed_distance",
+    "pick_representative",
+    "router_distance",
+    "step_search",
+]
 
 
 def expert_features(layer: MoELayer) -> list[torch.Tensor]:
@@ -238,13 +110,12 @@ def expert_features(layer: MoELayer) -> list[torch.Tensor]:
     return list(layer.expert_tensors().values())
 
 
-# -------------------------------------------------------------------------------------------------- method
-
-
 @dataclass
 class STUNOptions(OWLOptions):
-    """Phase-1 options, named as the reference's flags (see the module docstring)."""
+    """Phase-1 options, named as the reference's flags (see the module docstring); phase 2 prunes every
+    linear of the decoder layer by default, as the reference's `find_layers` does."""
 
+    targets: tuple[str, ...] = ("all_linear",)
     distance: Literal["router", "coactivation", "mix"] = "router"
     division_by_norm: bool = True
     divide_mean: bool = False
@@ -271,6 +142,7 @@ class STUN(ExpertMethod):
     paper = "https://arxiv.org/abs/2409.06211"
     kind = "prune"
     unstructured_phase = True
+    group_aware = True
     Options = STUNOptions
 
     def __init__(self, config) -> None:
@@ -300,7 +172,7 @@ class STUN(ExpertMethod):
             )
         self._targets(layers)
         if self.has_phase2:
-            options_from_config(self.config, self._algorithm())
+            options_from_config(self.config, self._algorithm(), self.opts)
 
     def _algorithm(self) -> str:
         return self.config.unstructured or ("wanda" if self.config.nm_pattern else "owl")
@@ -308,7 +180,7 @@ class STUN(ExpertMethod):
     def _targets(self, layers: list[MoELayer]) -> int | dict[str, int]:
         if self.uniform:
             return uniform_counts(layers, self.config)
-        return total_budget(layers, self.config)
+        return total_budget(layers, self.config, per_group=True)
 
     def layer_distance(self, layer: MoELayer, observation: Observation | None) -> torch.Tensor:
         router = layer.router_tensors()["weight"]
@@ -320,16 +192,21 @@ class STUN(ExpertMethod):
         return mixed_distance(counts, router, self.opts.mix_weight)
 
     def _max_merges(self, layer: MoELayer) -> int:
-        floor = effective_top_k(layer, self.config)
-        cap = layer.num_experts - floor
-        return cap if self.opts.top_k is None else min(self.opts.top_k, cap)
+        """Merges allowed in each routing group: down to the layer's fewest experts, and the reference's
+        `--top_k` merges per layer shared equally by the groups (all of them without group routing)."""
+        groups = layer.num_expert_groups
+        cap = (layer.num_experts - fewest_experts(layer, self.config)) // groups
+        return cap if self.opts.top_k is None else min(self.opts.top_k // groups, cap)
 
-    def summarize(self, unit: Unit, observation: Observation | None) -> dict[str, torch.Tensor | Dendrogram]:
-        """Per MoE layer: its distance matrix (greedy) or its complete-linkage dendrogram."""
+    def summarize(self, unit: Unit, observation: Observation | None) -> dict[str, torch.Tensor | GroupedDendrogram]:
+        """Per MoE layer: its distance matrix (greedy) or its routing groups' complete-linkage dendrograms."""
         distances = {layer.path: self.layer_distance(layer, observation) for layer in unit.moe_layers}
         if self.greedy:
             return distances
-        return {path: Dendrogram.from_distance(d) for path, d in distances.items()}
+        return {
+            layer.path: GroupedDendrogram.from_distance(distances[layer.path], expert_groups(layer))
+            for layer in unit.moe_layers
+        }
 
     def decide(self, summaries: dict[str, dict] | None, layers: list[MoELayer]) -> dict[str, int] | float:
         """The uniform per-layer counts, or the one global threshold (greedy) / per-layer counts (complete)."""
@@ -340,15 +217,16 @@ class STUN(ExpertMethod):
             return target
         found = {path: s for unit in summaries.values() for path, s in unit.items()}
         if self.greedy:
+            groups = {layer.path: expert_groups(layer) for layer in layers}
             merges = {layer.path: self._max_merges(layer) for layer in layers}
 
             def total(threshold: float) -> int:
-                return sum(len(greedy_clusters(found[p], threshold, merges[p])) for p in merges)
+                return sum(len(grouped_greedy_clusters(found[p], groups[p], threshold, merges[p])) for p in merges)
 
             threshold = step_search(total, target, self.opts.threshold)
             self.details["threshold"] = threshold
             return threshold
-        floors = {layer.path: effective_top_k(layer, self.config) for layer in layers}
+        floors = {layer.path: fewest_experts(layer, self.config) for layer in layers}
         counts, threshold = global_threshold_counts(found, floors, target)
         for layer in layers:
             if counts[layer.path] < layer.num_experts:
@@ -356,16 +234,17 @@ class STUN(ExpertMethod):
         self.details["threshold"] = threshold
         return counts
 
-    def _clusters(self, layer: MoELayer, summary: torch.Tensor | Dendrogram, decision: dict | float) -> list:
+    def _clusters(self, layer: MoELayer, summary: torch.Tensor | GroupedDendrogram, decision: dict | float) -> list:
         if not self.greedy:
             count = decision[layer.path]
             if self.uniform:
-                self.details["threshold"][layer.path] = float(summary.heights[summary.num_experts - count - 1])
+                self.details["threshold"][layer.path] = summary.height_of(count)
             return summary.clusters(count)
+        groups = expert_groups(layer)
         if not self.uniform:
-            return greedy_clusters(summary, decision, self._max_merges(layer))
+            return grouped_greedy_clusters(summary, groups, decision, self._max_merges(layer))
         count = decision[layer.path]
-        clusters = greedy_clusters(summary, float("inf"), layer.num_experts - count)
+        clusters = grouped_greedy_clusters(summary, groups, float("inf"), (layer.num_experts - count) // len(groups))
         if len(clusters) != count:
             raise ValueError(
                 f"STUN's greedy rule stops at {len(clusters)} clusters in {layer.path}, above the {count} asked: "
@@ -399,7 +278,7 @@ class STUN(ExpertMethod):
         return result
 
     def second_phase(self) -> WeightPruning | None:
-        """Phase 2: Wanda / OWL inside the surviving experts, on the model as phase 1 left it."""
+        """Phase 2: Wanda / OWL on the decoder layers' weights (`targets`), on the model as phase 1 left it."""
         if not self.has_phase2:
             return None
-        return WeightPruning(options_from_config(self.config, self._algorithm()))
+        return WeightPruning(options_from_config(self.config, self._algorithm(), self.opts))

@@ -3,8 +3,9 @@
 Expert weights are read through the family spec (`ExpertTensor.in_axis`, `input_kind`): an expert's inputs
 are the tokens routed to it (hidden states for the first projection, its own intermediate activations for
 the down projection), taken from the shared statistics collector. Other `nn.Linear` modules (attention, a
-dense or residual MLP, shared experts; every linear of a dense model) use plain input norms. Routers,
-embeddings and the LM head are never pruned. Zeros are written into the weights, so the checkpoint stays a
+dense or residual MLP, shared experts; every linear of a dense model) and routers (not `nn.Linear` in
+transformers 5, but a `[E, H]` weight applied to every token) use plain input norms over all tokens.
+Embeddings and the LM head are never pruned. Zeros are written into the weights, so the checkpoint stays a
 normal dense safetensors file that loads anywhere.
 
 Example:
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from ...pipeline import Observation, Unit
 
 ModuleFilter = Callable[[nn.Module, str], bool]
-TARGET_KINDS = ("experts", "attention", "dense_mlp", "all_linear")
+TARGET_KINDS = ("experts", "router", "attention", "dense_mlp", "all_linear")
 _ATTENTION = re.compile(r"(^|\.)[^.]*(attn|attention)[^.]*(\.|$)", re.IGNORECASE)
 
 
@@ -44,10 +45,12 @@ class UnstructuredOptions:
         sparsity: Share of weights zeroed in every pruned matrix (average over layers for OWL).
         algorithm: `"wanda"` (same sparsity everywhere) or `"owl"` (per-layer sparsity from outlier shares).
         nm: `(N, M)`: keep N of every M consecutive input weights (implies sparsity 1 - N/M; Wanda only).
-        targets: Which weights: `"experts"` (routed experts), `"attention"`, `"dense_mlp"` (non-expert
-            MLPs such as Arctic's residual MLP or shared experts), `"all_linear"` (every linear in the decoder
-            layers except routers; the choice for dense models).
-        module_filter: `filter(module, fqn) -> bool` for non-expert linears, overriding the kind rules.
+        targets: Which weights: `"experts"` (routed experts), `"router"` (the MoE routers' weights),
+            `"attention"`, `"dense_mlp"` (non-expert MLPs such as Arctic's residual MLP or shared experts),
+            `"all_linear"` (all of these: every linear of the decoder layer, as the reference's `find_layers`
+            in STUN `OWL/lib/prune_all.py` l.60-79; the choice for dense models).
+        module_filter: `filter(module, fqn) -> bool` for non-expert, non-router linears, overriding the kind
+            rules.
         owl_m: OWL's outlier threshold M (scores above M times the layer mean); 3 is the authors' code
             default (luuyin/OWL `main.py` l.265-267), their README commands use 5.
         owl_lambda: OWL's lambda: layer sparsities lie within target +- lambda (code default 0.08).
@@ -113,13 +116,18 @@ class UnstructuredReport:
 
 @dataclass
 class _Targets:
-    """The weights of one group (a decoder layer) to prune."""
+    """The weights of one group (a decoder layer) to prune: experts, routers (of these MoE layers), linears."""
 
     moe: list[MoELayer]
+    routers: list[MoELayer]
     linears: dict[str, nn.Linear]
 
     def empty(self) -> bool:
-        return not self.moe and not self.linears
+        return not self.moe and not self.routers and not self.linears
+
+    def observed_modules(self) -> dict[str, nn.Module]:
+        """The modules whose inputs give the plain input norms: the linears and the routers."""
+        return {**self.linears, **{layer.router_path: layer.router for layer in self.routers}}
 
 
 def _linear_kind(relative: str) -> str:
@@ -146,9 +154,10 @@ def _group_targets(
             chosen = "all_linear" in options.targets or _linear_kind(name) in options.targets
         if chosen:
             linears[fqn] = module
-    return _Targets(
-        moe=moe if "experts" in options.targets or "all_linear" in options.targets else [], linears=linears
-    )
+    def wanted(kind: str) -> bool:
+        return kind in options.targets or "all_linear" in options.targets
+
+    return _Targets(moe=moe if wanted("experts") else [], routers=moe if wanted("router") else [], linears=linears)
 
 
 def _live_expert_weight(layer: MoELayer, spec: ExpertTensor, expert: int) -> torch.Tensor:
@@ -190,9 +199,11 @@ def _scored_weights(
                     wanda_scores(weight, norm, spec.in_axis),
                     spec.in_axis,
                 )
-    for path, module in targets.linears.items():
+    weights = {path: module.weight.data for path, module in targets.linears.items()}
+    weights.update({layer.router_path: layer.router_tensors()["weight"].data for layer in targets.routers})
+    for path, weight in weights.items():
         norm = observed.linear_sq[path].clamp(min=0).sqrt()
-        yield path, module.weight.data, wanda_scores(module.weight.data, norm, 1), 1
+        yield path, weight, wanda_scores(weight, norm, 1), 1
 
 
 def _outlier_ratio(targets: _Targets, observed: _Observed, m: float) -> tuple[float, int]:
@@ -253,8 +264,9 @@ class WeightPruning:
             global_decision=self.options.algorithm == "owl",
         )
 
-    def linear_targets(self, unit: Unit) -> dict[str, nn.Linear]:
-        return _group_targets(unit.module, unit.path, unit.moe_layers, self.options).linears
+    def linear_targets(self, unit: Unit) -> dict[str, nn.Module]:
+        """The modules whose input norms are observed: the chosen linears and routers."""
+        return _group_targets(unit.module, unit.path, unit.moe_layers, self.options).observed_modules()
 
     def summarize(self, unit: Unit, observation: Observation) -> tuple[float, int, Observation]:
         """OWL's outlier share and size of the layer (and the observation, for a one-shot pruning sweep)."""
@@ -353,22 +365,18 @@ def owl_prune_(
     )
 
 
-def options_from_config(config: Any, algorithm: str | None = None) -> UnstructuredOptions:
-    """`UnstructuredOptions` from a `MoEPruneConfig` (weight_sparsity, unstructured, nm_pattern,
-    method_options `targets`, `owl_m`, `owl_lambda`, `owl_balance`, `sequential`)."""
-    opts = config.method_options
-    algorithm = algorithm or config.unstructured or "wanda"
-    sparsity = config.weight_sparsity if config.weight_sparsity is not None else 0.0
-    targets = opts.get("targets", ("experts",))
-    if isinstance(targets, str):
-        targets = tuple(t.strip() for t in targets.split(",") if t.strip())
+def options_from_config(config: Any, algorithm: str, options: Any) -> UnstructuredOptions:
+    """`UnstructuredOptions` from a `MoEPruneConfig` (weight_sparsity, nm_pattern) and a method's parsed
+    options (`targets`, `sequential`; for OWL also `owl_m`, `owl_lambda`, `owl_balance`), so each method's
+    own defaults apply (STUN's phase 2 prunes every linear, the `wanda` / `owl` methods the experts)."""
+    defaults = UnstructuredOptions(0.0)
     return UnstructuredOptions(
-        sparsity=sparsity,
+        sparsity=config.weight_sparsity if config.weight_sparsity is not None else 0.0,
         algorithm=algorithm,
         nm=config.nm_pattern,
-        targets=tuple(targets),
-        owl_m=float(opts.get("owl_m", 3.0)),
-        owl_lambda=float(opts.get("owl_lambda", 0.08)),
-        owl_balance=opts.get("owl_balance", "mean"),
-        sequential=bool(opts.get("sequential", True)),
+        targets=tuple(options.targets),
+        owl_m=getattr(options, "owl_m", defaults.owl_m),
+        owl_lambda=getattr(options, "owl_lambda", defaults.owl_lambda),
+        owl_balance=getattr(options, "owl_balance", defaults.owl_balance),
+        sequential=options.sequential,
     )

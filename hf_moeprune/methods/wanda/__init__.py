@@ -3,8 +3,8 @@
 Paper: https://arxiv.org/abs/2306.11695. Inputs are collected layer by layer (each layer sees the already
 pruned earlier layers); an expert's inputs are the tokens routed to it.
 
-Options (`MoEPruneConfig.method_options`): `targets` (list or comma string of `experts`, `attention`,
-`dense_mlp`, `all_linear`; default `experts`), `sequential` (default True).
+Options (`MoEPruneConfig.method_options`): `targets` (list or comma string of `experts`, `router`,
+`attention`, `dense_mlp`, `all_linear` = all of them; default `experts`), `sequential` (default True).
 
 Example:
     >>> model.prune_experts(MoEPruneConfig(method="wanda", weight_sparsity=0.5), calibration=texts)
@@ -56,17 +56,17 @@ class UnstructuredMethod(ExpertMethod):
             )
         if self.config.weight_sparsity is None and self.config.nm_pattern is None:
             raise ValueError(f"Method {self.name!r} needs weight_sparsity (or nm_pattern).")
-        options_from_config(self.config, self.algorithm)  # option errors before calibration
+        options_from_config(self.config, self.algorithm, self.opts)  # option errors before calibration
 
     def __init__(self, config) -> None:
         super().__init__(config)
-        self.engine = WeightPruning(options_from_config(config, self.algorithm), self.name)
+        self.engine = WeightPruning(options_from_config(config, self.algorithm, self.opts), self.name)
 
     @property
     def needs(self) -> Needs:
         return self.engine.needs
 
-    def linear_targets(self, unit: Unit) -> dict[str, nn.Linear]:
+    def linear_targets(self, unit: Unit) -> dict[str, nn.Module]:
         return self.engine.linear_targets(unit)
 
     def summarize(self, unit: Unit, observation: Observation) -> tuple:
