@@ -76,6 +76,7 @@ RECIPES: dict[str, Recipe] = {
     "mc-smoe": Recipe(dict(method="mc-smoe", **KEEP), "uniform"),
     "hc-smoe": Recipe(dict(method="hc-smoe", **KEEP), "uniform"),
     # STUN: one global threshold gives per-layer counts, then OWL (plain mean of layer sparsities = target)
+    "stun-uniform": Recipe(dict(method="stun", **KEEP), "uniform"),  # threshold inf, merge cap E - count
     "stun": Recipe(dict(method="stun", weight_sparsity=0.5, **BUDGET), "budget", native=False,
                    sparsity_rule="layer_mean"),
     "wanda": Recipe(dict(method="wanda", weight_sparsity=0.5), "unchanged", sparsity_rule="per_layer"),
@@ -95,7 +96,7 @@ MODELS: dict[str, tuple[str, dict]] = {
 # router through.
 REFUSED: dict[tuple[str, str], str] = {
     **{(recipe, "deepseek_v3-grouped"): "group-limited routing"
-       for recipe in ("frequency-adaptive", "uncurl-adaptive", "stun")},
+       for recipe in ("frequency-adaptive", "uncurl-adaptive", "stun", "stun-uniform")},
     ("uncurl-tied", "switch_transformers"): "tied router cannot be mapped",
 }
 
