@@ -75,8 +75,8 @@ RECIPES: dict[str, Recipe] = {
     "uncurl-tied": Recipe(dict(method="uncurl", method_options={"router": "tied"}, **KEEP), "uniform", native=False),
     "mc-smoe": Recipe(dict(method="mc-smoe", **KEEP), "uniform"),
     "hc-smoe": Recipe(dict(method="hc-smoe", **KEEP), "uniform"),
-    # STUN: one global threshold gives per-layer counts, then OWL (plain mean of layer sparsities = target)
     "stun-uniform": Recipe(dict(method="stun", **KEEP), "uniform"),  # threshold inf, merge cap E - count
+    # STUN: one global threshold gives per-layer counts, then OWL (plain mean of layer sparsities = target)
     "stun": Recipe(dict(method="stun", weight_sparsity=0.5, **BUDGET), "budget", native=False,
                    sparsity_rule="layer_mean"),
     "wanda": Recipe(dict(method="wanda", weight_sparsity=0.5), "unchanged", sparsity_rule="per_layer"),
