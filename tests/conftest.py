@@ -1,14 +1,15 @@
-"""Shared fixtures: tiny models of every registered family, a tiny tokenizer, helpers for routing tricks."""
+"""Shared fixtures: the one builder of tiny models (every registered family, the generic fallback, a dense
+control), a tiny tokenizer, helpers for routing tricks."""
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedTokenizerFast
 
-from hf_moeprune.families import registered_families
 from hf_moeprune.moe_layers import MoELayer
 
 VOCAB = 96
@@ -39,13 +40,21 @@ TINY_CONFIGS: dict[str, dict] = {
 
 FAMILIES = sorted(TINY_CONFIGS)
 
+# Model types with no FamilySpec: granitemoe is recognised by the generic fallback (router + fused experts),
+# llama is a dense model (unstructured pruning of dense models, the unknown-architecture error).
+GENERIC_CONFIGS: dict[str, dict] = {"granitemoe": dict(_DECODER, num_local_experts=6)}
+DENSE_CONFIGS: dict[str, dict] = {"llama": dict(_DECODER)}
+_ALL_CONFIGS = {**TINY_CONFIGS, **GENERIC_CONFIGS, **DENSE_CONFIGS}
 
-def build_tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module:
-    """A randomly initialised tiny model of `family` in eval mode, weights scaled so routing is not flat."""
-    spec = registered_families()[family]
-    config = AutoConfig.for_model(family, **{**TINY_CONFIGS[family], **overrides})
+
+def build_tiny_model(model_type: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A randomly initialised tiny model of `model_type` in eval mode, weights scaled so routing is not flat.
+
+    `model_type` is a key of TINY_CONFIGS, GENERIC_CONFIGS or DENSE_CONFIGS; `overrides` change config fields.
+    """
+    config = AutoConfig.for_model(model_type, **{**_ALL_CONFIGS[model_type], **overrides})
     torch.manual_seed(seed)
-    auto = AutoModelForSeq2SeqLM if spec.task == "seq2seq-lm" else AutoModelForCausalLM
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     model = auto.from_config(copy.deepcopy(config)).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -54,6 +63,15 @@ def build_tiny_model(family: str, seed: int = 0, **overrides) -> torch.nn.Module
             elif param.dim() == 1 and "norm" not in name and "layer_norm" not in name:
                 param.normal_(0, 0.02)
     return model
+
+
+def save_tiny_model(model_type: str, folder: str | Path, tokenizer=None, seed: int = 0, **overrides) -> Path:
+    """`build_tiny_model(...)` saved as a checkpoint folder (with `tokenizer` beside it when given)."""
+    folder = Path(folder)
+    build_tiny_model(model_type, seed, **overrides).save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder
 
 
 def model_inputs(model: torch.nn.Module, input_ids: torch.Tensor) -> dict:

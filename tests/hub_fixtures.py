@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import save_tiny_model
 from hub_server import LocalHubServer
 
 
@@ -72,18 +73,6 @@ def folder_fingerprint(folder: Path) -> dict[str, tuple[str, int]]:
     }
 
 
-TINY_MIXTRAL = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    num_local_experts=4,
-    num_experts_per_tok=2,
-    vocab_size=128,
-)
-
-
 def make_handmade_checkpoint(
     folder: Path,
     *,
@@ -93,12 +82,7 @@ def make_handmade_checkpoint(
     with_extras: bool = True,
 ) -> Path:
     """A tiny Mixtral saved with a hand-written `moeprune` entry (card and push tests independent of the core)."""
-    import torch
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    torch.manual_seed(0)
-    model = MixtralForCausalLM(MixtralConfig(**{**TINY_MIXTRAL, "num_local_experts": 2})).eval()
-    model.save_pretrained(folder)
+    save_tiny_model("mixtral", folder, num_local_experts=2)
     config = json.loads((folder / "config.json").read_text())
     step = {
         "method": "hc-smoe" if merged else "frequency",

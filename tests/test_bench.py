@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 import torch
-import transformers
+from conftest import TINY_CONFIGS, VOCAB, save_tiny_model
 
 from hf_moeprune.bench.cli import bench_args_from, bench_args_to_argv, build_parser
 from hf_moeprune.bench.expert_parallel import shard_sizes, transformers_ep_refusal
@@ -21,15 +21,6 @@ from hf_moeprune.bench.timing import summarize
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLERANCE = 1e-5
 LAUNCH_TIMEOUT = 900  # six launches (one per model and process count) on a shared 2-core machine
-TINY = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    num_experts_per_tok=2,
-    vocab_size=256,
-)
 RESULT_FIELDS = {
     "model",
     "label",
@@ -94,12 +85,8 @@ def checkpoints(tmp_path_factory):
     from hf_moeprune import AutoMoEPruneModelForCausalLM, MoEPruneConfig
 
     root = tmp_path_factory.mktemp("bench-models")
-    torch.manual_seed(0)
-    base = root / "mixtral-8e"
-    transformers.MixtralForCausalLM(transformers.MixtralConfig(**TINY, num_local_experts=8)).save_pretrained(
-        base
-    )
-    calibration = torch.randint(0, TINY["vocab_size"], (8, 32), generator=torch.Generator().manual_seed(1))
+    base = save_tiny_model("mixtral", root / "mixtral-8e", num_local_experts=8)
+    calibration = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(1))
     paths = {"base": str(base)}
     for count in (4, 3):
         model = AutoMoEPruneModelForCausalLM.from_pretrained(str(base))
@@ -260,6 +247,8 @@ def test_benchmark_and_sweep_plots_draw_from_fake_results(tmp_path):
     assert os.path.getsize(plot_sweep(results, str(tmp_path / "s.png"))) > 0
 
 
+# The workers run under torch.distributed.run, whose path does not hold tests/ (conftest's builder):
+# they get conftest's tiny Mixtral config as JSON and keep transformers' default init (only equality matters).
 WORKER = textwrap.dedent(
     """
     import copy, json, sys
@@ -277,7 +266,7 @@ WORKER = textwrap.dedent(
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)
-    config = transformers.MixtralConfig(**json.loads(sys.argv[1]), num_local_experts=8)
+    config = transformers.MixtralConfig(**dict(json.loads(sys.argv[1]), num_local_experts=8))
     model = transformers.MixtralForCausalLM(config).eval()
     shrink(model, 0, [0, 2, 5])          # 3 experts: shards [2, 1]
     shrink(model, 1, [1, 3, 4, 6, 7])    # 5 experts: shards [3, 2]
@@ -291,7 +280,7 @@ WORKER = textwrap.dedent(
     out = {"rank": rank, "diff": diff, "layout": layout,
            "local": [m.down_proj.shape[0] for m in (l.mlp.experts for l in sharded.model.layers)]}
     tiny = transformers.MixtralForCausalLM(transformers.MixtralConfig(**dict(json.loads(sys.argv[1]),
-                                           num_experts_per_tok=1), num_local_experts=2))
+                                           num_experts_per_tok=1, num_local_experts=2)))
     shrink(tiny, 1, [0])
     try:
         apply_native_expert_parallel(tiny)
@@ -313,7 +302,7 @@ def test_native_uneven_nonuniform_matches_one_process(tmp_path):
     script.write_text(WORKER)
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(script), json.dumps(TINY), str(output),
+        str(script), json.dumps(TINY_CONFIGS["mixtral"]), str(output),
     ]  # fmt: skip
     done = subprocess.run(
         command, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT

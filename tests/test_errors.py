@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import build_tiny_model
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from hf_moeprune import AutoMoEPruneModelForCausalLM, MoEPruneConfig
 from hf_moeprune.calibration import statistics
@@ -25,10 +24,8 @@ def no_calibration(monkeypatch):
 
 
 def test_unknown_family_lists_supported_ones():
-    config = AutoConfig.for_model("llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                  num_attention_heads=4, num_key_value_heads=2)
     with pytest.raises(ValueError, match=r"Unknown MoE architecture 'llama'.*mixtral.*register_family"):
-        AutoMoEPruneModelForCausalLM.from_model(AutoModelForCausalLM.from_config(config))
+        AutoMoEPruneModelForCausalLM.from_model(build_tiny_model("llama"))
 
 
 def test_target_not_below_expert_count(model, no_calibration, sample_texts):

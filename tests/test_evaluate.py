@@ -27,23 +27,10 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory, tokenizer):
     """A tiny randomly initialised Mixtral with the testbed tokenizer, saved like a checkpoint."""
-    from transformers import MixtralConfig, MixtralForCausalLM
+    from conftest import save_tiny_model
 
-    torch.manual_seed(0)
-    config = MixtralConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=512,
-    )
     folder = tmp_path_factory.mktemp("tiny")
-    MixtralForCausalLM(config).eval().save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_tiny_model("mixtral", folder, tokenizer, vocab_size=len(tokenizer), num_local_experts=4)
     return folder
 
 
@@ -192,15 +179,14 @@ def test_eval_command_writes_json_and_eval_results(tiny_folder, tmp_path, capsys
 def test_eval_compare_puts_the_base_alongside(tmp_path, tiny_tokenizer, capsys):
     """A merged, non-uniform checkpoint (3 and 4 experts per layer) against its base, on the user's own text:
     each side equals the perplexity of that model in memory."""
-    from conftest import build_tiny_model
+    from conftest import build_tiny_model, save_tiny_model
     from test_checkpoint import _make_non_uniform
 
     from hf_moeprune import AutoMoEPruneModelForCausalLM
     from hf_moeprune.cli import main
 
     base_folder = tmp_path / "base"
-    build_tiny_model("mixtral").save_pretrained(base_folder)
-    tiny_tokenizer.save_pretrained(base_folder)
+    save_tiny_model("mixtral", base_folder, tiny_tokenizer)
     reduced = AutoMoEPruneModelForCausalLM.from_model(build_tiny_model("mixtral"), tiny_tokenizer)
     _make_non_uniform(reduced)
     reduced_folder = reduced.save_pretrained(tmp_path / "reduced")

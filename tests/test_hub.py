@@ -10,7 +10,8 @@ import hub_fixtures
 import pytest
 import torch
 import yaml
-from hub_fixtures import TINY_MIXTRAL, folder_fingerprint, make_handmade_checkpoint
+from conftest import VOCAB, save_tiny_model
+from hub_fixtures import folder_fingerprint, make_handmade_checkpoint
 from hub_server import LocalHubServer, validate_card_metadata
 
 from hf_moeprune import AutoMoEPruneModelForCausalLM, MoEPruneConfig
@@ -113,12 +114,7 @@ def test_card_validates_on_the_hub(local_hub: LocalHubServer, tmp_path: Path) ->
 
 def _upload_base(hub: LocalHubServer, tmp_path: Path) -> None:
     """A tiny Mixtral base model with an apache-2.0 card, hosted on the local Hub as me/tiny-base."""
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    torch.manual_seed(0)
-    base = MixtralForCausalLM(MixtralConfig(**TINY_MIXTRAL)).eval()
-    folder = tmp_path / "base"
-    base.save_pretrained(folder)
+    folder = save_tiny_model("mixtral", tmp_path / "base", num_local_experts=4)
     files = {p.name: p.read_bytes() for p in folder.iterdir()}
     files["README.md"] = b"---\nlicense: apache-2.0\n---\n# tiny base\n"
     hub.add_repo_files("me/tiny-base", files)
@@ -131,7 +127,7 @@ def test_prune_push_and_load_back(local_hub: LocalHubServer, tmp_path: Path) -> 
     cache = str(tmp_path / "cache")
     model = AutoMoEPruneModelForCausalLM.from_pretrained("me/tiny-base", cache_dir=cache)
     config = MoEPruneConfig(method="frequency", experts_per_layer=2)
-    calibration = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    calibration = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
     model.prune_experts(config, calibration=calibration)
 
     info = model.push_to_hub("me/x", private=True, commit_message="pruned")
@@ -141,7 +137,7 @@ def test_prune_push_and_load_back(local_hub: LocalHubServer, tmp_path: Path) -> 
     assert head.summary == "pruned" and head.files["model.safetensors"].lfs_oid  # weights went through LFS
 
     reloaded = AutoModelForCausalLM.from_pretrained("me/x", cache_dir=cache).eval()
-    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, reloaded(input_ids=ids).logits)
 
@@ -252,12 +248,12 @@ def test_merge_nonuniform_push_and_load_with_remote_code(local_hub: LocalHubServ
     model = AutoMoEPruneModelForCausalLM.from_pretrained("me/tiny-base", cache_dir=cache)
     config = MoEPruneConfig(method="hc-smoe", num_experts_total=5, adaptive=True)
     model.merge_experts(
-        config, calibration=torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+        config, calibration=torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
     )
     assert model.record["uniform"] is False
     model.push_to_hub("me/merged")
 
-    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
     remote = AutoModelForCausalLM.from_pretrained("me/merged", cache_dir=cache, trust_remote_code=True).eval()
     ours = AutoMoEPruneModelForCausalLM.from_pretrained("me/merged", cache_dir=cache).eval()
     with torch.no_grad():

@@ -8,7 +8,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+from conftest import build_tiny_model
 
 from hf_moeprune import AutoMoEPruneModelForCausalLM, MoEPruneConfig
 from hf_moeprune.families import family_for_model_type
@@ -25,51 +25,16 @@ from hf_moeprune.methods.merging.alignment import expert_parameter
 from hf_moeprune.moe_layers import find_moe_layers
 from hf_moeprune.surgery import LayerPlan, apply_layer_plan
 
-TINY = {
-    "mixtral": dict(
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=6,
-        num_experts_per_tok=2,
-        vocab_size=96,
-        max_position_embeddings=64,
-    ),
-    "gpt_oss": dict(
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        num_local_experts=6,
-        num_experts_per_tok=2,
-        vocab_size=96,
-        max_position_embeddings=64,
-        layer_types=["full_attention", "full_attention"],
-    ),
-    "switch_transformers": dict(
-        d_model=32,
-        d_ff=48,
-        d_kv=8,
-        num_heads=4,
-        num_layers=2,
-        num_decoder_layers=2,
-        num_experts=6,
-        encoder_sparse_step=1,
-        decoder_sparse_step=1,
-        vocab_size=96,
-    ),
+# hidden width 32: the tests feed inputs of that width to single experts
+NARROW = {
+    "mixtral": dict(hidden_size=32, head_dim=8),
+    "gpt_oss": dict(hidden_size=32, head_dim=8),
+    "switch_transformers": dict(d_model=32, d_kv=8),
 }
 
 
 def build(model_type: str, seed: int = 0, **overrides):
-    torch.manual_seed(seed)
-    config = AutoConfig.for_model(model_type, **{**TINY[model_type], **overrides})
-    auto = AutoModelForSeq2SeqLM if model_type == "switch_transformers" else AutoModelForCausalLM
-    model = auto.from_config(config).eval()
+    model = build_tiny_model(model_type, seed, **{**NARROW[model_type], **overrides})
     with torch.no_grad():  # random, non-degenerate experts and biases whatever the family's init
         for layer in find_moe_layers(model, family_for_model_type(model_type)):
             for tensor in layer.expert_tensor_specs():

@@ -69,13 +69,7 @@ def test_merge_weights_average_expert_tensors_and_router_rows():
 
 def test_generic_fallback_recognises_an_unlisted_family(tmp_path):
     """granitemoe has no spec; the router + fused-experts pattern is inferred and pruning round-trips."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.for_model("granitemoe", vocab_size=VOCAB, hidden_size=64, intermediate_size=48,
-                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                  num_local_experts=6, num_experts_per_tok=2)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config).eval()
+    model = build_tiny_model("granitemoe")
     wrapped = AutoMoEPruneModelForCausalLM.from_model(model)
     assert wrapped.spec.name == "generic:granitemoe"
     layers = wrapped.moe_layers()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import VOCAB, build_tiny_model
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM
 
 from hf_moeprune import AutoMoEPruneModelForCausalLM, AutoMoEPruneModelForSeq2SeqLM
 from hf_moeprune.calibration.sequential import capture_layer_inputs, run_layer
@@ -138,22 +138,8 @@ def test_unstructured_options_reject_bad_requests():
         wrapped.prune_experts(MoEPruneConfig(method="owl"), calibration=CALIB)
 
 
-def _tiny_llama():
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-    )
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config).eval()
-
-
 def test_dense_model_function_api():
-    model = _tiny_llama()
+    model = build_tiny_model("llama")
     head = model.lm_head.weight.clone()
     report = wanda_prune_(model, list(CALIB.split(2)), 0.5)
     linears = [
