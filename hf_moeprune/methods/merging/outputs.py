@@ -14,10 +14,12 @@ from ...moe_layers import MoELayer
 
 
 @torch.no_grad()
-def mean_expert_outputs(layer: MoELayer, inputs: torch.Tensor, chunk_tokens: int = 4096) -> torch.Tensor:
+def mean_expert_outputs(layer: MoELayer, inputs: torch.Tensor, rows_per_call: int = 32768) -> torch.Tensor:
     """`[E, H]` float64: expert e's output averaged over all rows of `inputs` `[T, H]` (no router weight).
 
-    Computed by the model's own expert code, in the model's dtype, `chunk_tokens` rows at a time.
+    Computed by the model's own expert code in the model's dtype. Fused experts get one call per chunk with
+    every token routed once to each expert (`rows_per_call` token-expert rows at most), since one call per
+    expert costs a pass over all experts each time.
     """
     if layer.spec.expert_layout == "fused" and layer.spec.routing_format != "topk_index":
         raise ValueError(
@@ -25,16 +27,17 @@ def mean_expert_outputs(layer: MoELayer, inputs: torch.Tensor, chunk_tokens: int
             "use method_options={'expert_output_tokens': 'routed'}."
         )
     parameter = next(layer.experts.parameters())
-    totals = torch.zeros(layer.num_experts, inputs.shape[-1], dtype=torch.float64)
-    for start in range(0, inputs.shape[0], chunk_tokens):
-        x = inputs[start : start + chunk_tokens].to(device=parameter.device, dtype=parameter.dtype)
-        for expert in range(layer.num_experts):
-            totals[expert] += _expert_output(layer, expert, x).double().sum(0).cpu()
+    num = layer.num_experts
+    totals = torch.zeros(num, inputs.shape[-1], dtype=torch.float64)
+    chunk = max(1, rows_per_call // num)
+    for start in range(0, inputs.shape[0], chunk):
+        x = inputs[start : start + chunk].to(device=parameter.device, dtype=parameter.dtype)
+        if layer.spec.expert_layout == "modules":
+            for expert in range(num):
+                totals[expert] += layer.expert_module(expert)(x).double().sum(0).cpu()
+            continue
+        index = torch.arange(num, device=x.device).repeat_interleave(x.shape[0]).unsqueeze(-1)
+        weights = torch.ones(index.shape, dtype=x.dtype, device=x.device)
+        outputs = layer.experts(x.repeat(num, 1), index, weights)
+        totals += outputs.view(num, x.shape[0], -1).double().sum(1).cpu()
     return totals / max(inputs.shape[0], 1)
-
-
-def _expert_output(layer: MoELayer, expert: int, x: torch.Tensor) -> torch.Tensor:
-    if layer.spec.expert_layout == "modules":
-        return layer.expert_module(expert)(x)
-    index = torch.full((x.shape[0], 1), expert, dtype=torch.long, device=x.device)
-    return layer.experts(x, index, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device))
