@@ -40,7 +40,8 @@ class MCSMoE(ClusterMergeMethod):
 
     Options: as for `uncurl` (see `hf_moeprune.methods.uncurl.Uncurl`), with defaults `clustering="dominant"`,
     `similarity="router-logits"`, `alignment="none"` (`"weights"`: align each group to its dominant expert
-    first, our earlier default), `merge_weights="frequency"`, `router_rows="weighted"`, and
+    first, our earlier default; prefer it: halving the 8-expert testbed did 0.33 of random removal's damage
+    with it, 0.43 without), `merge_weights="frequency"`, `router_rows="weighted"`, and
         uniform (`bool`, default False): one count per layer, for every target.
         exact_budget (`bool`, default False): fill the budget exactly when shares tie at the threshold.
 
