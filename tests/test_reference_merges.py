@@ -12,13 +12,14 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from conftest import build_tiny_model
+from conftest import FAMILIES, build_tiny_model
 from test_reference_defaults import CALIB, _details, _testbed, _testbed_ids
 
 from hf_moeprune import AutoMoEPruneModelForCausalLM
 from hf_moeprune.config import MoEPruneConfig
 from hf_moeprune.methods import get_method
 from hf_moeprune.methods.merging import frequency_counts
+from hf_moeprune.methods.merging.outputs import mean_expert_outputs
 
 Partition = set[frozenset[int]]
 
@@ -83,6 +84,24 @@ def reference_hc_smoe_groups(original, traffic: dict, keep: int) -> list[Partiti
         reference_hierarchical_average(reference_hc_smoe_features(layer, traffic[layer.path][0]), keep)
         for layer in original.moe_layers()
     ]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.no_grad()
+def test_all_token_mean_outputs_match_one_expert_at_a_time(family):
+    """Every family: the batched all-token means (chunks of 3 tokens here) equal each expert run on its own."""
+    layer = AutoMoEPruneModelForCausalLM.from_model(build_tiny_model(family)).moe_layers()[0]
+    x = torch.randn(10, layer.router_tensors()["weight"].shape[1], generator=torch.Generator().manual_seed(0))
+    single = []
+    for e in range(layer.num_experts):
+        if layer.spec.expert_layout == "modules":
+            single.append(layer.expert_module(e)(x))
+        else:
+            single.append(layer.experts(x, torch.full((10, 1), e), torch.ones(10, 1)))
+    expected = torch.stack(single).double().mean(1)
+    found = mean_expert_outputs(layer, x, rows_per_call=3 * layer.num_experts)
+    torch.testing.assert_close(found, expected, rtol=1e-5, atol=1e-6)
+    assert found.abs().sum() > 0
 
 
 # --------------------------------------------------------------------------------------------- MC-SMoE

@@ -5,8 +5,9 @@ into the layer's target count, (3) permutation alignment of each cluster's membe
 member), done in place (a permuted expert computes the same function, so the model is unchanged until the
 merge), (4) a `LayerPlan` whose groups are merged by the shared surgery with routed-token weights. The three
 registered methods differ only in their default options (and MC-SMoE in when its counts are global); every
-option can be overridden through `MoEPruneConfig.method_options`. Under group-limited routing each routing group is clustered on its own into
-`count / G` clusters, so merges stay inside a group and every group keeps the same count.
+option can be overridden through `MoEPruneConfig.method_options`. Under group-limited routing each routing
+group is clustered on its own into `count / G` clusters, so merges stay inside a group and every group keeps
+the same count.
 """
 
 from __future__ import annotations
