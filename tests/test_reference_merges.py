@@ -8,6 +8,7 @@ path). They run on planted tiny layers and on the shipped testbeds.
 from __future__ import annotations
 
 import copy
+import functools
 from contextlib import contextmanager
 
 import pytest
@@ -177,14 +178,18 @@ def calibration_traffic(wrapped, tokens: int):
         traffic[path] = (torch.cat(inputs)[:tokens], torch.cat(logits)[:tokens])
 
 
+@functools.cache
+def calibration_ids(name: str) -> torch.Tensor:
+    """Four calibration sequences of the testbed's own calibration documents, tokenised once per test run."""
+    return _testbed_ids(_testbed(name), sequences=4)
+
+
 def merged_with_traffic(name_or_model, ids: torch.Tensor, config: MoEPruneConfig):
     """(reduced wrapper, untouched copy of the original, the traffic of the package's calibration pass)."""
     if isinstance(name_or_model, str):  # float32: bf16 matmuls are slow on CPU, and the rule is the same
-        wrapped, original = _testbed(name_or_model), _testbed(name_or_model)
-        wrapped.model.float(), original.model.float()
-    else:
-        wrapped = AutoMoEPruneModelForCausalLM.from_model(name_or_model)
-        original = AutoMoEPruneModelForCausalLM.from_model(copy.deepcopy(name_or_model))
+        name_or_model = _testbed(name_or_model).model.float()
+    wrapped = AutoMoEPruneModelForCausalLM.from_model(name_or_model)
+    original = AutoMoEPruneModelForCausalLM.from_model(copy.deepcopy(name_or_model))
     wrapped.progress = False
     reduce = wrapped.merge_experts if get_method(config.method).kind == "merge" else wrapped.prune_experts
     with calibration_traffic(wrapped, ids.numel()) as traffic:
@@ -197,7 +202,7 @@ def merged_with_traffic(name_or_model, ids: torch.Tensor, config: MoEPruneConfig
 
 @pytest.mark.parametrize(("name", "keep"), [("mixtral-8e", 4), ("mixtral-32e", 8)])
 def test_hc_smoe_default_groups_match_the_reference_on_the_testbeds(name, keep):
-    ids = _testbed_ids(_testbed(name), sequences=4)
+    ids = calibration_ids(name)
     wrapped, original, traffic = merged_with_traffic(name, ids, MoEPruneConfig(method="hc-smoe", experts_per_layer=keep))
     assert _recorded_partitions(wrapped) == reference_hc_smoe_groups(original, traffic, keep)
 
@@ -247,7 +252,7 @@ def test_hc_smoe_routed_option_clusters_routed_token_means():
 @pytest.mark.parametrize(("name", "groups"), [("mixtral-8e", 4), ("mixtral-32e", 8)])
 def test_mc_smoe_default_groups_match_the_reference_on_the_testbeds(name, groups):
     """The reference's `num_average_groups=g` is a budget of g experts per layer on average."""
-    ids = _testbed_ids(_testbed(name), sequences=4)
+    ids = calibration_ids(name)
     config = MoEPruneConfig(method="mc-smoe", num_experts_total=groups * 4)
     wrapped, _, traffic = merged_with_traffic(name, ids, config)
     expected = reference_mc_smoe_groups(traffic, groups)
@@ -322,7 +327,7 @@ def test_frequency_keeps_the_most_routed_experts_like_the_counting_rule():
     """Frequency pruning's reference count (MC-SMoE `compute_all_usages` l.193-219, top-k routed tokens per
     expert) and keep rule (the `n` most used per layer, as MC-SMoE's dominant experts); experts tied at the
     cut may go either way (here ties fall to router-probability mass)."""
-    ids = _testbed_ids(_testbed("mixtral-8e"), sequences=4)
+    ids = calibration_ids("mixtral-8e")
     wrapped, _, traffic = merged_with_traffic("mixtral-8e", ids, MoEPruneConfig(method="frequency", experts_per_layer=4))
     for entry, (_, logits) in zip(wrapped.record["layers"].values(), traffic.values(), strict=True):
         usage = reference_usage_frequency(logits)
