@@ -1,10 +1,13 @@
 """Frequency pruning: keep the experts that route the most calibration tokens.
 
 The naive baseline that UNCURL, MC-SMoE and STUN compare against. Per layer, experts are ranked by their
-share of the layer's routed assignments (ties broken by router-probability mass) and the top `n` kept. With
+share of the layer's routed assignments (ties broken by router-probability mass) and the top `n` kept: MC-SMoE's
+usage count (UNITES-Lab/MC-SMoE `mcsmoe/merging/grouping_mixtral.py` `compute_all_usages`, l.193-219, with the
+model's own top-k where the reference hard-codes 2) and its per-layer "prune non-core experts" rule. With
 `MoEPruneConfig(adaptive=True)` one global ranking of those shares picks the experts under the total budget,
-every layer keeping at least its top-k, which gives non-uniform per-layer counts. Option `uniform=True` (one
-count per layer, what serving engines load) is the per-layer ranking, so it refuses `adaptive=True`. Under
+every layer keeping at least its top-k, which gives non-uniform per-layer counts; the budget is met exactly
+(MC-SMoE's global threshold, which can fall short on ties, is `mc-smoe`'s count rule). Option `uniform=True`
+(one count per layer, what serving engines load) is the per-layer ranking, so it refuses `adaptive=True`. Under
 group-limited routing each group keeps its own most-routed experts, `n / G` of them (`targets.keep_per_group`).
 """
 

@@ -7,10 +7,16 @@ Two rules:
   (removing m experts costs the m-th merge height). Globally, the cheapest removals are taken until the budget
   is met, which takes a prefix of each layer's merges, so the counts are consistent with what the clustering
   step then does. Cosine distances are on one scale in every layer, so heights compare across layers.
-- `frequency_counts`: MC-SMoE's global rule. Experts are ranked over all layers by their share of their layer's
-  routed tokens; the `budget` highest are "dominant", and a layer keeps as many experts as it has dominant ones.
+- `frequency_counts`: MC-SMoE's global rule (UNITES-Lab/MC-SMoE `mcsmoe/merging/grouping_mixtral.py`
+  `_assign_num_groups_per_layer`, l.91-135). Each expert's share of its layer's routed tokens; a layer's most
+  used experts are lifted to 1.0 so it keeps them; the threshold is the (budget + 1)-th largest value over all
+  layers, and a layer keeps the experts strictly above it, so shares tied at the threshold all fall below it
+  and the total can end under the budget, as in the reference. `exact=True` (our earlier rule) fills the budget
+  exactly instead, tied shares taken in layer order.
 
-Both keep at least `floors[layer]` experts per layer (the router's top-k).
+Both keep at least `floors[layer]` experts per layer (the router's top-k). MC-SMoE lifts one expert per layer;
+lifting the top-k ones changes nothing where the reference already keeps top-k in every layer, and elsewhere
+keeps the layer loadable with a folded router.
 """
 
 from __future__ import annotations
@@ -48,20 +54,22 @@ def redundancy_counts(
 
 
 def frequency_counts(
-    frequencies: dict[str, torch.Tensor], budget: int, floors: dict[str, int]
+    frequencies: dict[str, torch.Tensor], budget: int, floors: dict[str, int], exact: bool = False
 ) -> dict[str, int]:
     order = list(frequencies)
-    counts = {path: floors[path] for path in order}
-    remaining = budget - sum(counts.values())
-    if remaining < 0:
+    if sum(floors.values()) > budget:
         raise ValueError(f"A budget of {budget} experts leaves some layer below its top-k.")
-    candidates = []
-    for rank, path in enumerate(order):
+    lifted = {}
+    for path in order:
         share = frequencies[path].double()
         share = share / share.sum() if share.sum() > 0 else torch.full_like(share, 1.0 / len(share))
-        ranked = torch.sort(share, descending=True, stable=True).values.tolist()
-        candidates += [(-value, rank, path) for value in ranked[floors[path] :]]
-    candidates.sort()
-    for _, _, path in candidates[:remaining]:
+        share[torch.argsort(share, descending=True, stable=True)[: floors[path]]] = 1.0
+        lifted[path] = share
+    if not exact:
+        threshold = torch.sort(torch.cat(list(lifted.values())), descending=True).values[budget]
+        return {path: int((lifted[path] > threshold).sum()) for path in order}
+    candidates = [(-value, rank, path) for rank, path in enumerate(order) for value in lifted[path].tolist()]
+    counts = dict.fromkeys(order, 0)
+    for _, _, path in sorted(candidates)[:budget]:
         counts[path] += 1
     return counts

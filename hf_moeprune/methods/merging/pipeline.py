@@ -4,9 +4,10 @@ Per MoE layer: (1) a similarity between experts from calibration statistics, (2)
 into the layer's target count, (3) permutation alignment of each cluster's members to its anchor (the most-used
 member), done in place (a permuted expert computes the same function, so the model is unchanged until the
 merge), (4) a `LayerPlan` whose groups are merged by the shared surgery with routed-token weights. The three
-registered methods differ only in their default options; every option can be overridden through
-`MoEPruneConfig.method_options`. Under group-limited routing each routing group is clustered on its own into
-`count / G` clusters, so merges stay inside a group and every group keeps the same count.
+registered methods differ only in their default options (and MC-SMoE in when its counts are global); every
+option can be overridden through `MoEPruneConfig.method_options`. Under group-limited routing each routing
+group is clustered on its own into `count / G` clusters, so merges stay inside a group and every group keeps
+the same count.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ..targets import effective_top_k, expert_groups, total_budget, uniform_coun
 from .adaptive import frequency_counts, redundancy_counts
 from .alignment import align_groups
 from .clustering import CLUSTERINGS, cluster_experts
+from .outputs import mean_expert_outputs
 from .similarity import SIMILARITIES, expert_features, expert_similarity
 
 if TYPE_CHECKING:
@@ -42,8 +44,10 @@ OPTION_CHOICES: dict[str, tuple] = {
     "router_rows": ("weighted", "anchor"),
     "router": ("folded", "tied"),
     "adaptive_by": ("redundancy", "frequency"),
+    "expert_output_tokens": ("all", "routed"),
 }
-FREE_OPTIONS = ("alignment_sketch", "alignment_tokens")
+BOOL_OPTIONS = ("uniform", "exact_budget")
+FREE_OPTIONS = ("alignment_sketch", "alignment_tokens", *BOOL_OPTIONS)
 
 
 class ClusterMergeMethod(ExpertMethod):
@@ -65,6 +69,9 @@ class ClusterMergeMethod(ExpertMethod):
         "router_rows": "weighted",
         "router": "folded",
         "adaptive_by": "redundancy",
+        "expert_output_tokens": "all",
+        "uniform": False,
+        "exact_budget": False,
     }
 
     @property
@@ -92,42 +99,67 @@ class ClusterMergeMethod(ExpertMethod):
             )
         if not (isinstance(options["alignment_tokens"], int) and options["alignment_tokens"] > 0):
             raise ValueError("method_options['alignment_tokens'] must be a positive int.")
-        if self.config.adaptive:
+        for key in BOOL_OPTIONS:
+            if not isinstance(options[key], bool):
+                raise ValueError(f"method_options[{key!r}] must be true or false, got {options[key]!r}.")
+        if options["uniform"] and self.config.adaptive:
+            raise ValueError("method_options uniform=True asks for one count per layer, adaptive=True for "
+                             "per-layer counts; drop one of them.")
+        if self.global_counts:
             total_budget(layers, self.config)
         else:
             uniform_counts(layers, self.config)
 
     @property
+    def global_counts(self) -> bool:
+        """Per-layer counts from one global decision (`adaptive=True`) rather than the same count everywhere."""
+        return self.config.adaptive
+
+    @property
+    def all_token_outputs(self) -> bool:
+        """Whether the similarity needs every expert's output on every calibration token (HC-SMoE's feature)."""
+        return self.options["similarity"] == "expert-output" and self.options["expert_output_tokens"] == "all"
+
+    @property
     def needs(self) -> Needs:
         return Needs(
             statistics=True,
-            block_inputs=self.options["alignment"] == "activations",
-            global_decision=bool(self.config.adaptive),
+            block_inputs=self.options["alignment"] == "activations" or self.all_token_outputs,
+            global_decision=self.global_counts,
         )
 
     def summarize(self, unit: Unit, observation: Observation) -> dict[str, tuple]:
-        """Per MoE layer: its statistics, expert similarity and (for activation alignment) sampled inputs."""
+        """Per MoE layer: its statistics, expert similarity, all-token mean expert outputs (when the similarity
+        uses them) and (for activation alignment) sampled inputs."""
         tokens = self.options["alignment_tokens"]
-        return {
-            layer.path: (
-                observation.statistics[layer.path],
-                expert_similarity(observation.statistics[layer.path], self.options["similarity"]),
-                observation.block_inputs[layer.path][:tokens] if layer.path in observation.block_inputs else None,
+        summary = {}
+        for layer in unit.moe_layers:
+            stats, inputs = observation.statistics[layer.path], observation.block_inputs.get(layer.path)
+            outputs = mean_expert_outputs(layer, inputs) if self.all_token_outputs else None
+            alignment_inputs = inputs[:tokens] if self.options["alignment"] == "activations" else None
+            summary[layer.path] = (
+                stats, expert_similarity(stats, self.options["similarity"], outputs), outputs, alignment_inputs
             )
-            for layer in unit.moe_layers
-        }
+        return summary
 
     def decide(self, summaries: dict[str, dict] | None, layers: list[MoELayer]) -> dict[str, int]:
         self.details = {"options": dict(self.options), "layers": {}}
         config = self.config
-        if not config.adaptive:
+        if not self.global_counts:
             return uniform_counts(layers, config)
         entries = {path: entry for unit in summaries.values() for path, entry in unit.items()}
         budget = total_budget(layers, config)
         floors = {layer.path: effective_top_k(layer, config) for layer in layers}
         if self.options["adaptive_by"] == "frequency":
-            return frequency_counts({path: entry[0].counts for path, entry in entries.items()}, budget, floors)
-        return redundancy_counts({path: entry[1] for path, entry in entries.items()}, budget, floors)
+            counts = frequency_counts({path: entry[0].counts for path, entry in entries.items()}, budget, floors,
+                                      exact=self.options["exact_budget"])
+        else:
+            counts = redundancy_counts({path: entry[1] for path, entry in entries.items()}, budget, floors)
+        self.details.update(experts_per_layer=counts, budget=budget)
+        if sum(counts.values()) < budget:
+            logger.info("%s: shares tied at the frequency threshold keep %d experts of the %d budgeted "
+                        "(method_options exact_budget=True fills the budget)", self.name, sum(counts.values()), budget)
+        return counts
 
     def merge_weights(self, stats, group: list[int]) -> list[float]:
         kind = self.options["merge_weights"]
@@ -140,17 +172,17 @@ class ClusterMergeMethod(ExpertMethod):
     @torch.no_grad()
     def reduce(self, unit: Unit, observation: Observation | dict, counts: dict[str, int]) -> UnitResult:
         options = self.options
-        summary = observation if self.config.adaptive else self.summarize(unit, observation)
+        summary = observation if self.global_counts else self.summarize(unit, observation)
         result = UnitResult()
         for layer in unit.moe_layers:
-            stats, similarity, inputs = summary[layer.path]
+            stats, similarity, outputs, inputs = summary[layer.path]
             count = counts[layer.path]
             if count >= layer.num_experts:
                 continue
             use_features = options["clustering"] == "kmeans" or (
                 options["clustering"] == "agglomerative" and options["cluster_on"] == "features"
             )
-            features = expert_features(stats, options["similarity"]) if use_features else None
+            features = expert_features(stats, options["similarity"], outputs) if use_features else None
             routing_groups = expert_groups(layer)
             groups = []
             for members in routing_groups:

@@ -1,7 +1,8 @@
 """UNCURL: task-aware expert clustering, permutation alignment and weighted merging.
 
 Sarkar et al., "Revisiting SMoE Language Models by Evaluating Inefficiencies with Task Specific Expert
-Pruning" (2024), https://arxiv.org/abs/2409.01483. No public code; implemented from the paper.
+Pruning" (2024), https://arxiv.org/abs/2409.01483. No public code; implemented from the paper (section 5.1),
+so there is no authors' code to compare against: `docs/methods.md` says where the defaults come from.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ class Uncurl(ClusterMergeMethod):
     Options (`MoEPruneConfig.method_options`):
         similarity (`str`, default `"router-logits"`): `"router-logits"` (cosine), `"router-correlation"`
             or `"expert-output"` (mean expert outputs).
+        expert_output_tokens (`str`, default `"all"`): for `"expert-output"`, average each expert's output over
+            all calibration tokens (HC-SMoE's code; one more pass of every expert over the stored layer inputs)
+            or over the tokens routed to it (`"routed"`, from the statistics).
         clustering (`str`, default `"kmeans"`): `"kmeans"` (on router-logit profiles of the sampled
             calibration tokens), `"spectral"`, `"agglomerative"` or `"dominant"`. k-means is the default because
             on the trained 32-expert testbed spectral clustering of the cosine similarity lumped up to 11 experts
@@ -50,7 +54,10 @@ class Uncurl(ClusterMergeMethod):
             (`benchmarks/results_merging.md`, "Tied vs folded router").
         adaptive_by (`"redundancy"`): with `MoEPruneConfig(adaptive=True)`, per-layer counts follow how
             redundant each layer's experts are (merge heights of average-linkage clustering on 1 - S), or
-            `"frequency"` (MC-SMoE's global dominant-expert count).
+            `"frequency"` (MC-SMoE's global dominant-expert threshold, `merging.adaptive.frequency_counts`).
+        exact_budget (`bool`, default False): with `adaptive_by="frequency"`, fill the budget exactly when
+            shares tie at the threshold (the reference leaves them all out).
+        uniform (`bool`, default False): one count per layer; refused together with `adaptive=True`.
 
     Example:
         >>> model = AutoMoEPruneModelForCausalLM.from_pretrained("mixtral-32e")
