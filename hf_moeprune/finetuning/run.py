@@ -89,13 +89,13 @@ def finetune(
     config, record, tokenizer = _describe_input(source, wrapper, tokenizer)
     for folder in (getattr(config, "name_or_path", None), source, teacher if isinstance(teacher, (str, os.PathLike)) else None):
         check_output_dir(output, overwrite=overwrite, source=folder)
+    teacher = _default_teacher(record) if isinstance(teacher, str) and teacher == AUTO else teacher
+    teacher = teacher if args.alpha > 0 else None
+    teacher_name = _check_teacher(teacher, config)
     data = prepare_calibration(
         texts, tokenizer, seq_len=args.seq_len, batch_size=args.batch_size, max_sequences=args.max_sequences,
         vocab_size=getattr(config, "vocab_size", None), description=description, **data_options,
     )
-    teacher = _default_teacher(record) if isinstance(teacher, str) and teacher == AUTO else teacher
-    teacher = teacher if args.alpha > 0 else None
-    teacher_name = _check_teacher(teacher, config)
     output_dir = Path(output).expanduser().resolve()
     staging = output_dir.parent / f".{output_dir.name}.{STAGING_TAG}"
     fingerprint = {"input": str(getattr(config, "name_or_path", "")), "args": args.to_dict(),
