@@ -108,6 +108,7 @@ def finetune(
     wrapper.model.float()
     try:
         state = _train(wrapper, data, args, staging, fingerprint, checkpoint, teacher_model, progress, callbacks)
+        _save(wrapper, args, data, state, teacher_name, save_dtype, output, overwrite)
     except BaseException:
         from transformers.trainer_utils import get_last_checkpoint
 
@@ -117,7 +118,14 @@ def finetune(
         else:
             shutil.rmtree(staging, ignore_errors=True)
         raise
-    wrapper.model.to(save_dtype).eval()
+    shutil.rmtree(staging, ignore_errors=True)
+    return wrapper
+
+
+def _save(wrapper: MoEPruneModel, args: FinetuneArgs, data: CalibrationData, state: Any, teacher_name: str | None,
+          dtype: torch.dtype, output: str | os.PathLike, overwrite: bool) -> None:
+    """Cast to the saved dtype (the returned model is then the saved one), record the step and save atomically."""
+    wrapper.model.to(dtype).eval()
     losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
     wrapper.record["steps"].append(finetune_step(
         args.to_dict(), data.record(), int(state.num_input_tokens_seen), teacher_name,
@@ -125,8 +133,6 @@ def finetune(
     ))
     setattr(wrapper.model.config, RECORD_KEY, wrapper.record)
     wrapper.save_pretrained(output, overwrite=overwrite)
-    shutil.rmtree(staging, ignore_errors=True)
-    return wrapper
 
 
 def _describe_input(
