@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_tiny_model, logits_of
+from conftest import VOCAB, build_tiny_model, logits_of
 from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments
 
 import hf_moeprune.finetuning.run as finetune_run
@@ -66,19 +66,25 @@ def test_loss_goes_down_on_repeated_text(tmp_path, tiny_tokenizer):
     assert after < 0.7 * before
 
 
-def test_distillation_is_zero_against_itself_and_the_tempered_kl_otherwise(tmp_path):
+def test_distillation_is_zero_against_itself_and_mixes_the_tempered_kl_otherwise(tmp_path):
     student = build_tiny_model("mixtral")
     same = _trainer(tmp_path, student, copy.deepcopy(student), alpha=1.0)
     assert abs(same.compute_loss(student, {"input_ids": IDS}).item()) < 1e-6
 
     teacher = build_tiny_model("mixtral", seed=1)
-    loss = _trainer(tmp_path, student, teacher, alpha=1.0).compute_loss(student, {"input_ids": IDS})
+    trainer = _trainer(tmp_path, student, teacher, alpha=0.25)
+    loss = trainer.compute_loss(student, {"input_ids": IDS})
     with torch.no_grad():
         p_teacher = F.softmax(logits_of(teacher, IDS) / 2.0, dim=-1)
         log_student = F.log_softmax(logits_of(student, IDS) / 2.0, dim=-1)
-        expected = (p_teacher * (p_teacher.log() - log_student)).sum(-1).mean() * 4.0
-    assert expected > 1e-3
-    torch.testing.assert_close(loss.detach(), expected, rtol=1e-4, atol=1e-6)
+        kl = (p_teacher * (p_teacher.log() - log_student)).sum(-1).mean() * 4.0
+        lm = F.cross_entropy(logits_of(student, IDS)[:, :-1].reshape(-1, VOCAB), IDS[:, 1:].reshape(-1))
+    assert kl > 1e-3
+    torch.testing.assert_close(loss.detach(), 0.75 * lm + 0.25 * kl, rtol=1e-4, atol=1e-6)
+    trainer.log({"loss": loss.item()})
+    logged = trainer.state.log_history[-1]
+    assert logged["lm_loss"] == pytest.approx(lm.item(), abs=1e-4)
+    assert logged["distill_loss"] == pytest.approx(kl.item(), abs=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["uniform", "non-uniform", "tied-router"])

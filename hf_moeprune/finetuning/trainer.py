@@ -42,6 +42,7 @@ class DistillationTrainer(Trainer):
         self.teacher = teacher.to(self.args.device).eval().requires_grad_(False) if teacher is not None else None
         self.alpha = alpha
         self.temperature = temperature
+        self._parts: dict[str, list[float]] = {}  # loss components since the last log
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
@@ -52,8 +53,17 @@ class DistillationTrainer(Trainer):
             with torch.no_grad():
                 teacher_logits = self.teacher(input_ids=input_ids, use_cache=False).logits
             distill = distillation_loss(outputs.logits, teacher_logits, self.temperature)
+            self._parts.setdefault("lm_loss", []).append(loss.item())
+            self._parts.setdefault("distill_loss", []).append(distill.item())
             loss = (1 - self.alpha) * loss + self.alpha * distill
         return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """With a teacher, the logged loss is the mix: its two parts are logged beside it."""
+        if "loss" in logs:
+            logs.update({name: round(sum(values) / len(values), 4) for name, values in self._parts.items()})
+            self._parts = {}
+        super().log(logs, *args, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """Reload the weights through the model class's own `from_pretrained`.
