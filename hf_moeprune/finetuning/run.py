@@ -87,10 +87,11 @@ def finetune(
     source = model_or_path if isinstance(model_or_path, (str, os.PathLike)) else None
     wrapper = None if source is not None else _wrap(model_or_path, tokenizer)
     config, record, tokenizer = _describe_input(source, wrapper, tokenizer)
-    for folder in (getattr(config, "name_or_path", None), source, teacher if isinstance(teacher, (str, os.PathLike)) else None):
-        check_output_dir(output, overwrite=overwrite, source=folder)
     teacher = _default_teacher(record) if isinstance(teacher, str) and teacher == AUTO else teacher
     teacher = teacher if args.alpha > 0 else None
+    teacher_path = teacher if isinstance(teacher, (str, os.PathLike)) else None
+    for folder in (getattr(config, "name_or_path", None), source, teacher_path):  # never written into
+        check_output_dir(output, overwrite=overwrite, source=folder)
     teacher_name = _check_teacher(teacher, config)
     data = prepare_calibration(
         texts, tokenizer, seq_len=args.seq_len, batch_size=args.batch_size, max_sequences=args.max_sequences,
