@@ -31,6 +31,8 @@ _LAZY = {
     "AutoMoEPruneModelForCausalLM": "modeling",
     "AutoMoEPruneModelForSeq2SeqLM": "modeling",
     "MoEPruneModel": "modeling",
+    "FinetuneArgs": "finetuning.args",
+    "finetune": "finetuning",
     "register_models": "models",
     "reduce_checkpoint": "pipeline.streaming",
     "LayerPlan": "surgery",

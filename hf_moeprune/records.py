@@ -3,6 +3,7 @@
 The record composes across steps (merge, then prune): `groups[j]` always lists indices of the ORIGINAL
 model's experts that new expert j came from, with `merge_weights[j]` their share. A layer merged with a tied
 router also has `router_rows`: the router kept that many rows (its experts map onto the merged ones).
+A recovery fine-tune is a step too (`kind: finetune`): it changes weights, not the expert maps.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from .moe_layers import MoELayer
 from .surgery import LayerPlan
 
 RECORD_KEY = "moeprune"
+FINETUNE_KIND = "finetune"
 
 
 def initial_record(model_name: str, family: str, layers: Sequence[MoELayer], model: nn.Module) -> dict[str, Any]:
@@ -80,6 +82,19 @@ def compose_layer(entry: dict[str, Any], plan: LayerPlan, top_k: int) -> dict[st
     tied = {"router_rows": entry["num_experts"]} if plan.tied_router else {}
     return {**entry, "num_experts": len(plan.groups), "top_k": top_k, "groups": new_groups,
             "merge_weights": new_weights, **tied}
+
+
+def finetune_step(
+    args: dict[str, Any], data: dict[str, Any], tokens_seen: int, teacher: str | None, train_loss: float
+) -> dict[str, Any]:
+    """The record of a fine-tune: its arguments, the data as calibration sets are recorded (description, sizes,
+    SHA-256 of the token ids), the tokens trained on, and the teacher distilled from (None: no distillation)."""
+    return {"kind": FINETUNE_KIND, "method": FINETUNE_KIND, "config": args, "calibration": data,
+            "tokens_seen": tokens_seen, "teacher": teacher, "train_loss": round(train_loss, 6)}
+
+
+def is_finetune_step(step: dict[str, Any]) -> bool:
+    return step.get("kind") == FINETUNE_KIND
 
 
 def is_uniform(record: dict[str, Any]) -> bool:

@@ -11,7 +11,7 @@ import argparse
 import importlib
 from types import ModuleType
 
-COMMAND_MODULES = ("inspect", "prune", "merge", "run", "eval", "push", "bench", "methods")
+COMMAND_MODULES = ("inspect", "prune", "merge", "finetune", "run", "eval", "push", "bench", "methods")
 
 
 def load_commands() -> list[ModuleType]:

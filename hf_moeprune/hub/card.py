@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from ..records import looks_like_hub_repo_id
+from ..records import is_finetune_step, looks_like_hub_repo_id
 
 if TYPE_CHECKING:
     from huggingface_hub import ModelCard
@@ -297,6 +297,24 @@ def _recipe_yaml(config_dict: dict[str, Any]) -> str:
     return yaml.safe_dump(config_dict, sort_keys=False, default_flow_style=False, allow_unicode=True).rstrip()
 
 
+def _finetune_view(index: int, step: dict[str, Any]) -> dict[str, Any]:
+    """A fine-tune step as the card shows it: "fine-tuned for N steps on DATA (distilled from TEACHER)"."""
+    args = step.get("config") or {}
+    data = step.get("calibration") or {}
+    teacher = step.get("teacher")
+    if teacher and Path(teacher).is_absolute():  # a machine's path is never published, its folder name is
+        teacher = Path(teacher).name
+    summary = f"fine-tuned for {args.get('max_steps', '?')} steps on {data.get('description') or 'undescribed data'}"
+    if teacher:
+        summary += f" (distilled from `{teacher}`)"
+    return {
+        "kind": "finetune", "index": index, "summary": summary, "teacher": teacher, "calibration": data,
+        "max_steps": args.get("max_steps"), "alpha": args.get("alpha"), "temperature": args.get("temperature"),
+        "tokens_seen": _fmt_number(step.get("tokens_seen")), "train_loss": _fmt_number(step.get("train_loss")),
+        "recipe_yaml": yaml.safe_dump(args, sort_keys=False).rstrip(),
+    }
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------------------------------
@@ -338,12 +356,14 @@ def build_model_card(
     base_model = entry.get("base_model") or config.get("_name_or_path")
     base_is_hub_id = looks_like_hub_repo_id(base_model)
     steps = entry.get("steps") or []
+    reductions = [step for step in steps if not is_finetune_step(step)]
+    finetuned = len(reductions) < len(steps)
     layers = entry.get("layers") or {}
     layer_rows, any_merge = _layer_rows(layers)
-    methods = [str(step.get("method", "unknown")) for step in steps]
+    methods = [str(step.get("method", "unknown")) for step in reductions]
     unstructured = [
         step["config"]["unstructured"]
-        for step in steps
+        for step in reductions
         if isinstance(step.get("config"), dict) and step["config"].get("unstructured")
     ]
     uniform = bool(entry.get("uniform", True))
@@ -361,6 +381,8 @@ def build_model_card(
     card_tags = ["moe", kind, *dict.fromkeys(m.lower() for m in methods + unstructured), "hf_moeprune"]
     if entry.get("weight_sparsity"):
         card_tags.append("sparse")
+    if finetuned:
+        card_tags.append("fine-tuned")
     card_tags += list(tags or [])
 
     architectures = config.get("architectures") or []
@@ -409,6 +431,9 @@ def build_model_card(
 
     step_views = []
     for index, step in enumerate(steps):
+        if is_finetune_step(step):
+            step_views.append(_finetune_view(index + 1, step))
+            continue
         method = str(step.get("method", "unknown"))
         info = method_card_info(method)
         calibration = step.get("calibration")
@@ -471,6 +496,7 @@ def build_model_card(
         run_recipe_marker=RUN_RECIPE_MARKER,
         run_recipe_yaml=_published_recipe(entry.get("recipe"), base_model if base_is_hub_id else None),
         unstructured_infos=unstructured_infos,
+        finetuned=finetuned,
         layer_rows=layer_rows,
         any_merge=any_merge,
         experts_before=experts_before,
