@@ -155,30 +155,40 @@ class MoELayer:
     def set_counts(self, old_count: int, new_count: int, top_k: int | None = None, router: bool = True) -> None:
         """Update the count (and top-k) attributes that the block's modules read at forward time; with
         `router=False` (a tied router keeps its rows) only the experts module's count changes."""
-        for module in (self.block, self.router, self.experts) if router else (self.experts,):
-            for attr in COUNT_ATTRIBUTES:
-                if getattr(module, attr, None) == old_count:
-                    setattr(module, attr, new_count)
+        for rel, attr in self.count_attribute_paths():
+            module = get_submodule(self.block, rel)
+            if getattr(module, attr) == old_count and (router or rel == self.spec.experts):
+                setattr(module, attr, new_count)
         if top_k is not None:
-            for module in (self.block, self.router, self.experts):
-                for attr in TOP_K_ATTRIBUTES:
-                    if isinstance(getattr(module, attr, None), int):
-                        setattr(module, attr, top_k)
+            for rel, attr in self.top_k_attribute_paths():
+                setattr(get_submodule(self.block, rel), attr, top_k)
 
     def count_attribute_paths(self) -> list[tuple[str, str]]:
         """(module path relative to the block, attribute) pairs holding the expert count."""
-        pairs = []
-        for rel in ("", self.spec.router, self.spec.experts):
-            module = get_submodule(self.block, rel)
-            pairs += [(rel, attr) for attr in COUNT_ATTRIBUTES if isinstance(getattr(module, attr, None), int)]
-        return pairs
+        return self._attribute_paths(COUNT_ATTRIBUTES)
 
     def top_k_attribute_paths(self) -> list[tuple[str, str]]:
+        return self._attribute_paths(TOP_K_ATTRIBUTES)
+
+    def _attribute_paths(self, names: tuple[str, ...]) -> list[tuple[str, str]]:
+        """Integer attributes `names` of the block and of every module on the way to its router and experts
+        (Switch keeps the count on `router`, whose `classifier` holds the rows)."""
         pairs = []
-        for rel in ("", self.spec.router, self.spec.experts):
+        for rel in _modules_on_the_way("", self.spec.router, self.spec.experts):
             module = get_submodule(self.block, rel)
-            pairs += [(rel, attr) for attr in TOP_K_ATTRIBUTES if isinstance(getattr(module, attr, None), int)]
+            pairs += [(rel, attr) for attr in names if type(getattr(module, attr, None)) is int]
         return pairs
+
+
+def _modules_on_the_way(*paths: str) -> list[str]:
+    """Each path and every prefix of it, once, in order: "router.classifier" -> "router", "router.classifier"."""
+    seen: dict[str, None] = {}
+    for path in paths:
+        parts = path.split(".") if path else []
+        seen.setdefault("", None)
+        for end in range(1, len(parts) + 1):
+            seen.setdefault(".".join(parts[:end]), None)
+    return list(seen)
 
 
 def _has_tensor(module: nn.Module, name: str) -> bool:

@@ -26,6 +26,7 @@ from hf_moeprune import (
 from hf_moeprune.families import family_for_model
 from hf_moeprune.methods import get_method, registered_methods
 from hf_moeprune.moe_layers import find_moe_layers
+from hf_moeprune.pipeline.units import block_units, decoder_units, is_layerwise
 
 CALIBRATION_OPTIONS = dict(seq_len=32, max_sequences=4, batch_size=2)  # 128 tokens: enough for every rule
 INPUT_IDS = torch.randint(4, VOCAB, (2, 12), generator=torch.Generator().manual_seed(7))
@@ -51,12 +52,15 @@ class Recipe:
             (per-layer counts or a tied router map need its loader).
         sparsity_rule: How weight sparsity is spread: `"per_layer"` (every layer at the target, Wanda) or
             `"layer_mean"` (OWL: layer sparsities whose plain mean is the target); None when no weights are zeroed.
+        sparsity_scope: Which weights the rule is measured on: `"experts"` (the MoE layers' experts) or
+            `"decoder_layers"` (every linear of every decoder layer, dense ones included).
     """
 
     config: dict
     counts: Literal["uniform", "budget", "unchanged"]
     native: bool = True
     sparsity_rule: Literal["per_layer", "layer_mean"] | None = None
+    sparsity_scope: Literal["experts", "decoder_layers"] = "experts"
 
     def make_config(self) -> MoEPruneConfig:
         return MoEPruneConfig(**self.config)  # fresh per case: methods normalise method_options in place
@@ -77,8 +81,9 @@ RECIPES: dict[str, Recipe] = {
     "hc-smoe": Recipe(dict(method="hc-smoe", **KEEP), "uniform"),
     "stun-uniform": Recipe(dict(method="stun", **KEEP), "uniform"),  # threshold inf, merge cap E - count
     # STUN: one global threshold gives per-layer counts, then OWL (plain mean of layer sparsities = target)
+    # its phase 2 prunes every linear of each decoder layer (attention, router, experts), as the reference does
     "stun": Recipe(dict(method="stun", weight_sparsity=0.5, **BUDGET), "budget", native=False,
-                   sparsity_rule="layer_mean"),
+                   sparsity_rule="layer_mean", sparsity_scope="decoder_layers"),
     "wanda": Recipe(dict(method="wanda", weight_sparsity=0.5), "unchanged", sparsity_rule="per_layer"),
     "owl": Recipe(dict(method="owl", weight_sparsity=0.5), "unchanged", sparsity_rule="layer_mean"),
 }
@@ -91,37 +96,17 @@ MODELS: dict[str, tuple[str, dict]] = {
     "deepseek_v3-grouped": ("deepseek_v3", GROUPED),
 }
 
-# Refused by design (README "Supported families"): non-uniform counts and STUN, which does not budget per
-# group, would move experts between the routing groups; Switch's experts get no top-k indices to map a tied
+# Refused by design (README "Supported families"): non-uniform counts would move experts between the
+# routing groups; Switch's experts get no top-k indices to map a tied
 # router through.
 REFUSED: dict[tuple[str, str], str] = {
     **{(recipe, "deepseek_v3-grouped"): "group-limited routing"
-       for recipe in ("frequency-adaptive", "uncurl-adaptive", "stun", "stun-uniform")},
+       for recipe in ("frequency-adaptive", "uncurl-adaptive")},
     ("uncurl-tied", "switch_transformers"): "tied router cannot be mapped",
 }
 
-# Real bugs the matrix found (library code is not this file's to change); strict, so a fix shows up here.
-KNOWN_BUGS: dict[tuple[str, str], pytest.MarkDecorator] = {
-    ("uncurl-tied", "switch_transformers"): pytest.mark.xfail(
-        strict=True, raises=AssertionError,
-        reason="the tied-router refusal comes from surgery.apply_plan, after calibration, not from validate()",
-    ),
-    ("uncurl-tied", "granitemoe"): pytest.mark.xfail(
-        strict=True, raises=ValueError,
-        reason="a tied checkpoint of a generic-fallback family does not reload: generic.infer_family needs as many "
-        "router rows as experts, so AutoMoEPruneModelForCausalLM raises 'Unknown MoE architecture'",
-    ),
-    ("stun", "switch_transformers"): pytest.mark.xfail(
-        strict=True, raises=RuntimeError,
-        reason="surgery leaves SwitchTransformersTop1Router.num_experts at the original count, so a second "
-        "calibrated step on the reduced model (STUN's OWL phase) fails in statistics.dispatch_hook's reshape",
-    ),
-}
-
-
 def _case(recipe_id: str, model_id: str, *extra) -> pytest.param:
-    marks = [KNOWN_BUGS[(recipe_id, model_id)]] if (recipe_id, model_id) in KNOWN_BUGS else []
-    return pytest.param(recipe_id, model_id, *extra, id=f"{recipe_id}-{model_id}", marks=marks)
+    return pytest.param(recipe_id, model_id, *extra, id=f"{recipe_id}-{model_id}")
 
 
 RUNS = [_case(r, m) for r in RECIPES for m in MODELS if (r, m) not in REFUSED]
@@ -163,22 +148,44 @@ def _check_counts(recipe: Recipe, config: MoEPruneConfig, before: dict[str, int]
 
 def _weight_sparsity(layer) -> tuple[float, int]:
     """Share of zeros over the layer's expert weight matrices, and the smallest input width among them."""
-    zeros = size = 0
-    widths = []
-    for spec in layer.expert_tensor_specs():
-        if spec.in_axis is None:  # biases are not pruned
-            continue
-        tensor = layer.expert_tensors()[spec.name]
-        zeros += int((tensor == 0).sum())
-        size += tensor.numel()
-        widths.append(tensor.shape[spec.in_axis + 1])
-    return zeros / size, min(widths)
+    return _share_of_zeros(_expert_matrices(layer))
+
+
+def _expert_matrices(layer) -> list[tuple[torch.Tensor, int]]:
+    """The layer's expert weights with their input axis (biases are not pruned)."""
+    tensors = layer.expert_tensors()
+    return [(tensors[spec.name], spec.in_axis + 1) for spec in layer.expert_tensor_specs() if spec.in_axis is not None]
+
+
+def _share_of_zeros(matrices: list[tuple[torch.Tensor, int]]) -> tuple[float, int]:
+    zeros = sum(int((tensor == 0).sum()) for tensor, _ in matrices)
+    size = sum(tensor.numel() for tensor, _ in matrices)
+    return zeros / size, min(tensor.shape[axis] for tensor, axis in matrices)
+
+
+def _unit_sparsity(model: torch.nn.Module) -> list[tuple[float, int]]:
+    """Per decoder layer (or block), the share of zeros over every linear weight in it: attention and dense
+    MLP `nn.Linear`s, routers and expert matrices."""
+    layers = find_moe_layers(model, family_for_model(model))
+    units = decoder_units(model, layers) if is_layerwise(model) else block_units(model, layers)
+    shares = []
+    for unit in units:
+        matrices = {id(m.weight): (m.weight, 1) for m in unit.module.modules() if isinstance(m, torch.nn.Linear)}
+        for layer in unit.moe_layers:
+            router = layer.router_tensors()["weight"]
+            matrices[id(router)] = (router, router.dim() - 1)
+            matrices.update({id(tensor): (tensor, axis) for tensor, axis in _expert_matrices(layer)})
+        shares.append(_share_of_zeros(list(matrices.values())))
+    return shares
 
 
 def _check_sparsity(recipe: Recipe, target: float, model: torch.nn.Module) -> None:
     """Each output row loses round(in_features * s_l) weights (wanda's per-row rule), so a layer's share is
     within 0.5 / in_features of its s_l; OWL's s_l vary by layer with their plain mean at the target."""
-    measured = [_weight_sparsity(layer) for layer in find_moe_layers(model, family_for_model(model))]
+    if recipe.sparsity_scope == "decoder_layers":
+        measured = _unit_sparsity(model)
+    else:
+        measured = [_weight_sparsity(layer) for layer in find_moe_layers(model, family_for_model(model))]
     rounding = max(0.5 / width for _, width in measured)
     shares = [share for share, _ in measured]
     if recipe.sparsity_rule == "per_layer":

@@ -28,7 +28,8 @@ def infer_family(model: nn.Module) -> FamilySpec | None:
             continue
         for name in ROUTER_NAMES:
             weight = getattr(getattr(module, name, None), "weight", None)
-            if weight is not None and weight.dim() == 2 and weight.shape[0] == experts.gate_up_proj.shape[0]:
+            # at least one row per expert: a tied router (a merge's router="tied") keeps all its original rows
+            if weight is not None and weight.dim() == 2 and weight.shape[0] >= experts.gate_up_proj.shape[0]:
                 router_name = router_name or name
                 patterns.add(re.sub(r"\.\d+(?=\.|$)", ".*", path))
     config = getattr(model, "config", None)

@@ -102,6 +102,13 @@ class ClusterMergeMethod(ExpertMethod):
         for key in BOOL_OPTIONS:
             if not isinstance(options[key], bool):
                 raise ValueError(f"method_options[{key!r}] must be true or false, got {options[key]!r}.")
+        if options["router"] == "tied":
+            untied = sorted({layer.spec.name for layer in layers if layer.spec.routing_format != "topk_index"})
+            if untied:
+                raise ValueError(
+                    f"Family {untied[0]!r} does not pass top-k indices to its experts, so a tied router cannot be "
+                    "mapped; use router='folded'."
+                )
         if options["uniform"] and self.config.adaptive:
             raise ValueError("method_options uniform=True asks for one count per layer, adaptive=True for "
                              "per-layer counts; drop one of them.")
