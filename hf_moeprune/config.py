@@ -46,7 +46,8 @@ class MoEPruneConfig:
         metadata={"help": "Let the method choose per-layer counts under the global budget (non-uniform)."},
     )
     weight_sparsity: float | None = field(
-        default=None, metadata={"help": "Unstructured sparsity inside the remaining experts, in [0, 1)."}
+        default=None, metadata={"help": "Unstructured sparsity, in [0, 1): of the experts' weights for wanda/owl (option "
+        "`targets` widens it), of every linear of each decoder layer for STUN's phase 2 (as its reference)."}
     )
     unstructured: str | None = field(
         default=None, metadata={"help": "Unstructured phase after expert pruning: 'wanda' or 'owl'."}

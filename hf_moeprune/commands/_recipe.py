@@ -23,7 +23,8 @@ def add_recipe_arguments(parser: argparse.ArgumentParser, default_method: str, m
     parser.add_argument("--adaptive", action="store_true",
                         help="Let the method choose per-layer counts (a non-uniform checkpoint).")
     parser.add_argument("--weight-sparsity", type=float, metavar="FRACTION",
-                        help="Unstructured sparsity inside the experts, in [0, 1).")
+                        help="Unstructured sparsity in [0, 1): of the experts' weights for wanda/owl (--option "
+                        "targets=... widens it), of every linear of each decoder layer for stun.")
     parser.add_argument("--unstructured", choices=["wanda", "owl"], help="Unstructured phase after expert pruning.")
     parser.add_argument("--nm", metavar="N:M", help="N:M pattern for the unstructured phase, e.g. 2:4.")
     parser.add_argument("--top-k", type=int, metavar="K", help="New router top-k (only to go below the model's).")
