@@ -28,10 +28,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from benchmarks.synthetic_checkpoint import shape_for_bytes, write_synthetic_mixtral
+from benchmarks.synthetic_checkpoint import MixtralShape, shape_for_bytes, write_synthetic_mixtral
 from hf_moeprune.commands import build_parser
 
 GNU_TIME = Path("/usr/bin/time")
@@ -93,6 +93,7 @@ class Usage:
 @dataclass
 class Measurement:
     size_gb: float
+    layers: int
     checkpoint_bytes: int
     method: str
     command: str
@@ -130,9 +131,18 @@ def _peak_rss_reporter() -> list[str]:
     return [sys.executable, "-S", "-c", RSS_WRAPPER]
 
 
-def check_disk(workdir: Path, sizes: list[float], methods: list[str], keep: bool) -> None:
+def planned_shape(size_gb: float, layers: int | None) -> MixtralShape:
+    """The shape of a `size_gb` checkpoint, cut to `layers` decoder layers of the same size when given: peak
+    memory depends on one layer, not on the depth, so a shallow copy measures it with a fraction of the disk."""
+    shape = shape_for_bytes(size_gb * 1e9)
+    return replace(shape, num_hidden_layers=layers) if layers else shape
+
+
+def check_disk(workdir: Path, sizes: list[float], methods: list[str], keep: bool, layers: int | None = None) -> None:
     """Sizes run one after another, each deleted before the next: the checkpoint and its copy by `cp` (bigger
     than any reduced output) at a time, or with `--keep` every checkpoint with all its outputs."""
+    if layers:
+        sizes = [planned_shape(size, layers).num_bytes() / 1e9 for size in sizes]
     if keep:
         needed = sum(sizes) * 1e9 * (2 + REDUCED_SHARE * (len(methods) - 1))
     else:
@@ -158,9 +168,9 @@ def check_extra_args(methods: list[str], extra: list[str]) -> None:
 
 
 def bench_size(size_gb: float, methods: list[str], extra: list[str], workdir: Path, shard_gb: float,
-               keep: bool) -> Iterator[Measurement]:
+               keep: bool, layers: int | None = None) -> Iterator[Measurement]:
     """Generate one checkpoint, yield a measurement per method as it finishes (cp first), delete it."""
-    shape = shape_for_bytes(size_gb * 1e9)
+    shape = planned_shape(size_gb, layers)
     checkpoint = workdir / f"mixtral-{size_gb:g}gb"
     shard_bytes = int(min(shard_gb * 1e9, shape.num_bytes() / 4))  # at least 4 shards so the index is used
     start = time.perf_counter()
@@ -181,7 +191,7 @@ def bench_size(size_gb: float, methods: list[str], extra: list[str], workdir: Pa
               f"{status}", flush=True)
         if not keep:
             shutil.rmtree(output, ignore_errors=True)
-        yield Measurement(size_gb, total, name, shlex.join(argv), **asdict(usage),
+        yield Measurement(size_gb, shape.num_hidden_layers, total, name, shlex.join(argv), **asdict(usage),
                           rss_over_checkpoint=usage.peak_rss_bytes / total, wall_over_cp=usage.wall_s / cp_wall)
     if not keep:
         shutil.rmtree(checkpoint)
@@ -196,11 +206,11 @@ def _tail(log: Path, lines: int = 8) -> str:
 
 
 def markdown_table(rows: list[Measurement]) -> str:
-    lines = ["| size | method | peak RSS | wall time | CPU time | peak RSS / checkpoint | wall time / cp |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| layers of | layers | method | peak RSS | wall time | CPU time | peak RSS / checkpoint | wall time / cp |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         failed = "" if row.returncode == 0 else f" (FAILED, exit {row.returncode})"
-        lines.append(f"| {row.size_gb:g} GB ({row.checkpoint_bytes / 1e9:.2f}) | {row.method}{failed} "
+        lines.append(f"| {row.size_gb:g} GB | {row.layers} ({row.checkpoint_bytes / 1e9:.2f} GB) | {row.method}{failed} "
                      f"| {_size(row.peak_rss_bytes)} | {row.wall_s:.1f} s | {row.cpu_s:.1f} s | {row.rss_over_checkpoint:.2f} "
                      f"| {row.wall_over_cp:.1f} |")
     return "\n".join(lines)
@@ -226,7 +236,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shard-gb", type=float, default=2.0, help="Largest shard of the generated checkpoints.")
     parser.add_argument("--json", type=Path, default=Path("streaming_memory.json"), help="Results file.")
     parser.add_argument("--keep", action="store_true", help="Keep checkpoints, outputs and logs.")
+    parser.add_argument("--layers", type=int, help="Only this many decoder layers, each as big as in the full "
+                        "SIZE checkpoint (peak memory is per layer: a shallow checkpoint measures it on less disk).")
     args = parser.parse_args(argv)
+    if args.layers is not None and args.layers < 1:
+        parser.error("--layers must be at least 1.")
     try:
         args.sizes = [float(size) for size in args.sizes.split(",")]
     except ValueError:
@@ -253,12 +267,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     check_extra_args(args.methods, args.extra_args)
-    check_disk(args.workdir, args.sizes, args.methods, args.keep)
+    check_disk(args.workdir, args.sizes, args.methods, args.keep, args.layers)
     workdir = Path(tempfile.mkdtemp(prefix="moeprune-streaming-bench-", dir=args.workdir))
     machine, rows = _machine(), []
     try:
         for size in args.sizes:
-            for row in bench_size(size, args.methods, args.extra_args, workdir, args.shard_gb, args.keep):
+            for row in bench_size(size, args.methods, args.extra_args, workdir, args.shard_gb, args.keep,
+                                  args.layers):
                 rows.append(row)  # rewritten after every run, so an interrupted benchmark keeps what it measured
                 result = {"machine": machine, "extra_args": args.extra_args, "rows": [asdict(row) for row in rows]}
                 args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -72,3 +72,19 @@ def test_disk_check_refuses_before_writing(tmp_path):
     with pytest.raises(SystemExit, match="GiB free"):
         streaming_memory.check_disk(tmp_path, [1e6], ["cp", "stun"], keep=False)
     streaming_memory.check_disk(tmp_path, [0.001], ["cp", "stun"], keep=True)
+
+
+def test_a_shallow_checkpoint_keeps_the_full_sizes_layers(tmp_path, monkeypatch):
+    full = streaming_memory.shape_for_bytes(30e9)
+    shallow = streaming_memory.planned_shape(30, layers=2)
+    assert shallow.num_hidden_layers == 2 and full.num_hidden_layers > 2
+    layer = [shape for name, shape in full.tensor_shapes() if name.startswith("model.layers.0.")]
+    assert [shape for name, shape in shallow.tensor_shapes() if name.startswith("model.layers.0.")] == layer
+    # the disk check counts the shallow checkpoint (about 2 GB twice), not the 30 GB one
+    free = 8e9
+    monkeypatch.setattr(streaming_memory.shutil, "disk_usage", lambda path: type("Usage", (), {"free": free}))
+    streaming_memory.check_disk(tmp_path, [30], ["cp", "stun"], keep=False, layers=2)
+    with pytest.raises(SystemExit, match="GiB free"):
+        streaming_memory.check_disk(tmp_path, [30], ["cp", "stun"], keep=False)
+    with pytest.raises(SystemExit):
+        streaming_memory.parse_args(["--layers", "0"])
