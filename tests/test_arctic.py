@@ -546,7 +546,7 @@ def test_prune_or_merge_save_reload(method, scenario, tmp_path):
             assert after == {p: setup["target"]["experts_per_layer"] for p in before}
         else:  # a share of all experts: methods may spread it unevenly over the layers
             assert sum(after.values()) == sum(before.values()) // 2
-            assert all(cfg["num_experts_per_tok"] <= after[p] < before[p] for p in before)
+            assert all(cfg["num_experts_per_tok"] <= after[p] <= before[p] for p in before)  # a global threshold may spare a layer
         top_k = setup["target"].get("top_k", cfg["num_experts_per_tok"])
         assert all(layer.top_k == layer.block.gate.top_k == top_k for layer in model.moe_layers())
         # expert methods never touch the residual or dense-layer MLPs
