@@ -235,11 +235,21 @@ def atomic_directory(
     try:
         staging.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; transformers' folders follow the umask
         write(staging)
+        _files_follow_umask(staging)
         _replace_folder(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return output
+
+
+def _files_follow_umask(folder: Path) -> None:
+    """safetensors writes its files 0600; a checkpoint to serve or publish is readable as the umask allows,
+    as every other file of the folder is."""
+    mode = 0o666 & ~_umask()
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink() and path.stat().st_mode & 0o777 != mode:
+            path.chmod(mode)
 
 
 def save_checkpoint(

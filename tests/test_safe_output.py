@@ -120,6 +120,9 @@ def test_created_folder_follows_umask(tmp_path, source, umask):
     finally:
         os.umask(previous)
     assert folder.stat().st_mode & 0o777 == 0o777 & ~umask
+    # every file too, the weights included (safetensors writes its own files 0600)
+    assert {path.name: path.stat().st_mode & 0o777 for path in folder.iterdir()} == {
+        path.name: 0o666 & ~umask for path in folder.iterdir()}
 
 
 SLOW_SAVE = textwrap.dedent("""
