@@ -74,6 +74,7 @@ def test_perplexity_matches_the_model_loss(tiny, tokenizer):
     assert result["overall"]["perplexity"] == pytest.approx(math.exp(loss), rel=1e-4)
     assert result["overall"]["tokens"] == ids.shape[1] - 1
     assert set(result["domains"]) == {"bbc"} and set(result["topics"]) == {"bbc/politics"}
+    assert result["overall"]["bits_per_byte"] == pytest.approx(loss * (ids.shape[1] - 1) / math.log(2) / len(text), rel=1e-4)
 
 
 def test_long_documents_are_scored_in_lm_eval_windows_over_every_token(tiny, tokenizer):
@@ -95,7 +96,8 @@ def test_long_documents_are_scored_in_lm_eval_windows_over_every_token(tiny, tok
 def test_heldout_rows_split_by_domain_and_topic_and_pool_the_tokens(tiny, tokenizer):
     rows = evaluate_model(tiny, tokenizer, tasks=["ppl"], limit=12, batch_size=4, progress=False)
     by_task = {r["task"]: r for r in rows if r["metric"] == "perplexity"}
-    domains = [by_task[t] for t in ("ppl/bbc", "ppl/shakespeare")]
+    domains = [row for task, row in by_task.items() if task.count("/") == 1]
+    assert len(domains) > 2
     assert by_task["ppl"]["n"] == 12 == sum(d["n"] for d in domains)
     assert by_task["ppl"]["tokens"] == sum(d["tokens"] for d in domains)
     pooled = sum(math.log(d["value"]) * d["tokens"] for d in domains) / by_task["ppl"]["tokens"]

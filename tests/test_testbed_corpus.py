@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_moeprune.testbed.data import Document, read_documents, split_of
+from hf_moeprune.testbed.data import DOMAINS, Document, read_documents, split_of
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "testbed" / "build_corpus.py"
@@ -44,9 +44,11 @@ def test_shipped_samples_respect_the_stable_split(shipped):
 
 
 def test_every_domain_is_labelled_and_present_in_both_samples(shipped):
-    assert len(build_corpus.DOMAINS_V2) >= 6
+    assert len(DOMAINS) >= 6
+    sources = set(build_corpus.PYPI_SOURCES) | {s.domain for s in build_corpus.DEBIAN_SOURCES}
+    assert sources == set(DOMAINS)
     for documents in shipped.values():
-        assert {d.domain for d in documents} == set(build_corpus.DOMAINS_V2)
+        assert {d.domain for d in documents} == set(DOMAINS)
         assert all(d.name.startswith(d.domain + "/") and d.topic for d in documents)
 
 
@@ -54,7 +56,7 @@ def test_every_domain_has_a_licence_record_and_debian_copyright_files(shipped):
     record = json.loads((OUTPUT / build_corpus.LICENCES_FILE).read_text())
     with gzip.open(OUTPUT / build_corpus.COPYRIGHTS_FILE, "rt", encoding="utf-8") as handle:
         copyrights = json.load(handle)
-    assert set(record["sources"]) == set(build_corpus.DOMAINS_V2)
+    assert set(record["sources"]) == set(DOMAINS)
     for domain, source in record["sources"].items():
         assert source["licence"] and source["packages"], domain
         for package in source["packages"]:

@@ -37,7 +37,7 @@ def add_recipe_arguments(parser: argparse.ArgumentParser, default_method: str, m
     data.add_argument("--calibration", metavar="FILE|FOLDER|DATASET",
                       help="A data file (.txt with blank-line separated documents, .json, .jsonl, .csv, .tsv, "
                       ".parquet), a folder of such files, a `save_to_disk` folder or a Hub dataset id "
-                      "(default: the bundled BBC News + Shakespeare sample).")
+                      "(default: the bundled seven-domain calibration sample).")
     data.add_argument("--split", metavar="NAME",
                       help="Split of a folder, saved dataset or Hub dataset (default: train).")
     data.add_argument("--text-column", metavar="NAME",
@@ -120,7 +120,7 @@ def read_calibration(args: argparse.Namespace) -> tuple[list, str]:
         for flag in ("split", "text_column", "chat_template"):
             if getattr(args, flag):
                 raise ValueError(f"--{flag.replace('_', '-')} applies to --calibration data; pass --calibration too.")
-        return default_calibration(), "hf_moeprune bundled calibration sample (BBC News + Shakespeare)"
+        return default_calibration(), "hf_moeprune bundled calibration sample (seven domains)"
     from ..calibration import read_calibration_source
 
     return _with_cli_names(read_calibration_source, args.calibration, split=args.split,

@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--data", "--calibration", dest="calibration", metavar="FILE|FOLDER|DATASET",
                       help="A data file (.txt with blank-line separated documents, .json, .jsonl, .csv, .tsv, "
                       ".parquet), a folder, a `save_to_disk` folder or a Hub dataset id (default: the bundled "
-                      "BBC News + Shakespeare calibration sample).")
+                      "seven-domain calibration sample).")
     data.add_argument("--split", help="Split of a folder, saved dataset or Hub dataset (default: train).")
     data.add_argument("--text-column", metavar="NAME", help="Column holding the text (default: text).")
     data.add_argument("--num-samples", type=int, metavar="N", help="Use only the first N rows (default: all).")

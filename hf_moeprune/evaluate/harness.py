@@ -151,8 +151,8 @@ def evaluate_model(
     Args:
         model: a causal LM in memory (e.g. a pruned `wrapped.model`, or a loaded checkpoint), in eval mode.
         tokenizer: its tokenizer.
-        tasks (`Sequence[str]`): names from `known_tasks()`; "ppl" is the testbed's held-out text, "ppl_bbc" and
-            "ppl_shakespeare" one domain of it, the rest multiple-choice tasks (acc, acc_norm).
+        tasks (`Sequence[str]`): names from `known_tasks()`; "ppl" is the testbed's held-out text, "ppl_<domain>"
+            ("ppl_bbc", "ppl_python_docs", ...) one domain of it, the rest multiple-choice tasks (acc, acc_norm).
         limit (`int`, *optional*): at most this many documents per task (lm-eval's `limit`).
         batch_size (`int`): sequences per forward pass.
         data (`str` or `os.PathLike`, *optional*): a text file or saved dataset whose perplexity to add as task

@@ -31,9 +31,11 @@ def scored_documents(samples: Sequence[dict], encode: Callable[[str], list[int]]
 
 def summary(documents: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """`exp(total NLL / total tokens)` and its delta-method standard error, documents being the sampled units
-    (a ratio estimator: the token-weighted mean NLL, then its exp)."""
+    (a ratio estimator: the token-weighted mean NLL, then its exp), and bits per UTF-8 byte of text, which
+    compares models whose tokenizers differ."""
     nll = sum(d["nll"] for d in documents)
     tokens = sum(d["tokens"] for d in documents)
+    text_bytes = sum(len(str(d["doc"].get("text", "")).encode("utf-8")) for d in documents)
     mean = nll / max(tokens, 1)
     stderr_nll = float("nan")
     if len(documents) > 1:
@@ -45,6 +47,7 @@ def summary(documents: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "perplexity": ppl,
         "nll_per_token": mean,
         "stderr": ppl * stderr_nll,
+        "bits_per_byte": nll / math.log(2) / text_bytes if text_bytes else float("nan"),
         "tokens": tokens,
         "documents": len(documents),
     }
@@ -113,7 +116,8 @@ def perplexity(
 
     Returns:
         `dict`: {"overall": summary, "domains": {domain: summary}, "topics": {"domain/topic": summary}}, each
-        summary with "perplexity", "nll_per_token", "stderr", "tokens", "documents" (see `summary`).
+        summary with "perplexity", "nll_per_token", "stderr", "bits_per_byte", "tokens", "documents" (see
+        `summary`).
     """
     from .harness import USER_TEXT_TASK, quiet, run_lm_eval, task_manager
 

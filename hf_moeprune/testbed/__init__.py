@@ -1,4 +1,4 @@
-"""Testbed MoE models trained from scratch on real text (BBC News + Shakespeare), and their data."""
+"""Testbed MoE models trained from scratch on real English text of seven domains, and their data."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from pathlib import Path
 from .data import (
     BBC_TOPICS,
     DOMAINS,
+    TOKENIZER_DIR,
     Document,
     calibration_documents,
     heldout_documents,
     load_bbc,
-    load_corpus,
     load_shakespeare,
     read_documents,
     split_documents,
@@ -42,11 +42,11 @@ __all__ = [
     "DOMAINS",
     "Document",
     "TESTBEDS",
+    "TOKENIZER_DIR",
     "calibration_documents",
     "default_model_path",
     "heldout_documents",
     "load_bbc",
-    "load_corpus",
     "load_shakespeare",
     "read_documents",
     "split_documents",

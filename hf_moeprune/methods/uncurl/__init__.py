@@ -35,7 +35,7 @@ class Uncurl(ClusterMergeMethod):
             calibration tokens), `"spectral"`, `"agglomerative"` or `"dominant"`. k-means is the default because
             on the trained 32-expert testbed spectral clustering of the cosine similarity lumped up to 11 experts
             carrying 45% of a layer's tokens into one cluster, and merging them cost far more perplexity than
-            k-means, whose large clusters gather rarely routed experts (`benchmarks/results_merging.md`).
+            k-means, whose large clusters gather rarely routed experts (`benchmarks/results/testbed_v1/merging.md`).
         linkage / cluster_on: for agglomerative clustering, the linkage and whether it runs on
             `"similarity"` (1 - S) or `"features"` (Euclidean).
         alignment (`str`, default `"weights"`): `"weights"`, `"activations"` (correlation of the units'
@@ -46,12 +46,12 @@ class Uncurl(ClusterMergeMethod):
             router probabilities) or `"uniform"`.
         router_rows (`str`, default `"weighted"`): the merged expert's router row, `"weighted"` (merge-weighted
             average of the members' rows) or `"anchor"` (the anchor's row). The default was chosen on the
-            trained Mixtral testbed (`benchmarks/results_merging.md`): see the router-row ablation there.
+            trained Mixtral testbed (`benchmarks/results/testbed_v1/merging.md`): see the router-row ablation there.
         router (`str`, default `"folded"`): `"folded"` (one router row per merged expert, formed as
             `router_rows` says: the family's native architecture) or `"tied"` (all E router rows kept, each
             mapped to its merged expert, so routing is unchanged; loads through the record's expert map).
             Folded is the default: on the 32-expert testbed held-out perplexity did not favour the tied router
-            (`benchmarks/results_merging.md`, "Tied vs folded router").
+            (`benchmarks/results/testbed_v1/merging.md`, "Tied vs folded router").
         adaptive_by (`"redundancy"`): with `MoEPruneConfig(adaptive=True)`, per-layer counts follow how
             redundant each layer's experts are (merge heights of average-linkage clustering on 1 - S), or
             `"frequency"` (MC-SMoE's global dominant-expert threshold, `merging.adaptive.frequency_counts`).
