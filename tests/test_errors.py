@@ -58,9 +58,10 @@ def test_texts_without_tokenizer(model, sample_texts):
         model.prune_experts(MoEPruneConfig(method="frequency", experts_per_layer=3), calibration=sample_texts)
 
 
-def test_nan_in_weights(model, no_calibration, sample_texts):
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nan_in_weights(model, no_calibration, sample_texts, bad):
     with torch.no_grad():
-        model.model.model.layers[1].mlp.experts.down_proj[2, 0, 0] = float("nan")
+        model.model.model.layers[1].mlp.experts.down_proj[2, 0, -1] = bad
     with pytest.raises(ValueError, match=r"model.layers.1.mlp.experts.down_proj.*NaN"):
         model.prune_experts(MoEPruneConfig(method="frequency", experts_per_layer=3), calibration=sample_texts)
 

@@ -225,13 +225,17 @@ def pick_representative(members: list[int], features: Sequence[torch.Tensor], ch
     """The member nearest the members' centroid, the features being the expert tensors `[E, ...]` taken
     together (all of an expert's weights as one vector, or its router row).
 
-    The squared distance is summed over slices of `chunk` elements per member, in float64: a streamed
-    layer's experts, most of its memory, are never copied whole.
+    The squared distance is summed over slices of `chunk` elements per member, in float64, each slice
+    gathered from the members' rows alone: a streamed layer's experts, most of its memory, are never copied
+    whole, and the float64 slice is reused in place.
     """
+    index = torch.tensor(members)
     squared = torch.zeros(len(members), dtype=torch.float64)
     for tensor in features:
-        flat = tensor.detach()[members].reshape(len(members), -1)
-        for start in range(0, flat.shape[1], chunk):
-            x = flat[:, start : start + chunk].double()
-            squared += (x - x.mean(0, keepdim=True)).pow(2).sum(1).cpu()
+        rows = tensor.detach().reshape(tensor.shape[0], -1)
+        index = index.to(rows.device)
+        for start in range(0, rows.shape[1], chunk):
+            x = rows[:, start : start + chunk].index_select(0, index).double()
+            x -= x.mean(0, keepdim=True)
+            squared += x.square_().sum(1).cpu()
     return members[int(torch.argmin(squared))]
