@@ -64,6 +64,21 @@ def test_stun_keeps_the_member_nearest_the_centroid():
         assert [0, 1, 2] in wrapped.record["steps"][-1]["details"]["clusters"][path]
 
 
+@pytest.mark.parametrize("coordinate", [0, 5, 7])
+def test_stun_representative_counts_every_slice_of_the_weights(coordinate):
+    """Members 0, 1, 2 differ in one coordinate only (0, 10 and 4; the centroid is 4.67), the other expert is
+    far away, and slices of 3 elements cover the 8 per expert: the nearest member is 2 wherever the difference
+    sits. Catches: a distance that adds the centroid instead of subtracting it, the mean over all elements, a
+    slice loop that skips the first element or the tail (an all-zero distance picks the first member)."""
+    from hf_moeprune.methods.stun.clustering import pick_representative
+
+    experts = torch.zeros(4, 2, 4)
+    experts.view(4, -1)[1, coordinate] = 10.0
+    experts.view(4, -1)[2, coordinate] = 4.0
+    experts[3] = -100.0
+    assert pick_representative([0, 1, 2], [experts], chunk=3) == 2
+
+
 # --------------------------------------------------------------------------------------- REAP / NAEE
 
 
