@@ -267,10 +267,11 @@ def in_and_out_of_domain(scores: dict[str, float], domain: str) -> tuple[float, 
 
 
 def render(rows, args, argv) -> str:
+    has_ft = any("finetuned" in r for r in rows)
     finetune_note = (
         f" `+ft`: after {args.finetune_steps} steps of `hf_moeprune.finetune` on the calibration domain "
         f"(batch {args.finetune_batch_size} x {args.seq_len}, learning rate {args.finetune_lr}, LM loss only)."
-        if any("finetuned" in r for r in rows) else ""
+        if has_ft else ""
     )
     lines = [
         "Command: `python benchmarks/bench_merging.py " + " ".join(argv) + "`",
@@ -282,7 +283,6 @@ def render(rows, args, argv) -> str:
         + (" ; RANDOM tiny model (smoke run)" if args.random_model else "")
         + ". `s` is the reduction's wall time (calibration pass included), `MB` its peak extra RSS." + finetune_note,
     ]
-    has_ft = any("finetuned" in r for r in rows)
     for calibration in dict.fromkeys(r["calibration"] for r in rows):
         lines += ["", f"### Calibrated on {calibration}", ""]
         head = "| method | experts/layer | ppl in | ppl out |" + (" +ft in | +ft out |" if has_ft else "") + " s | MB |"

@@ -2,7 +2,7 @@
 
 Token perplexity only compares models that share a tokenizer, so each model is scored in bits per UTF-8 byte of
 text, and the newer model's figure is also expressed as the perplexity it would have per token of the older
-tokenizer (`2 ** (bits per byte x bytes / older tokens)`), the number to set beside the older model's token
+tokenizer (`exp(its total NLL / the older tokens)`), the number to set beside the older model's token
 perplexity. The older testbeds live in git history; extract them first, e.g.
 
     git archive fa8f1cd hf_moeprune/testbed/checkpoints | tar -x -C /tmp/v1
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import torch
 
@@ -44,8 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|---|")
     for domain in args.domains:
         a, b = old[domain], new[domain]
-        text_bytes = sum(len(d.text.encode("utf-8")) for d in documents if d.domain == domain)
-        new_per_old_token = 2 ** (b["bits_per_byte"] * text_bytes / a["tokens"])
+        new_per_old_token = math.exp(b["nll_per_token"] * b["tokens"] / a["tokens"])  # same text, old tokens
         rows.append({"domain": domain, "old": a, "new": b, "new_perplexity_per_old_token": new_per_old_token})
         print(f"| {domain} | {a['perplexity']:.1f} | {new_per_old_token:.1f} | {new_per_old_token / a['perplexity']:.2f} "
               f"| {a['bits_per_byte']:.3f} | {b['bits_per_byte']:.3f} |")
