@@ -19,7 +19,7 @@ import torch
 
 from ..checkpoint import _process_alive, check_output_dir, save_checkpoint
 from ..config import MoEPruneConfig
-from ..memory import available_memory
+from ..memory import available_memory, return_freed_tensors_to_the_system
 from ..methods import get_method
 from .shards import CheckpointReader, ShardWriter, checkpoint_bytes
 from .sources import StreamingSource
@@ -144,6 +144,7 @@ def reduce_checkpoint(
     stored = resolve_dtype(None, hf_config)
     growth = torch_dtype.itemsize / stored.itemsize if torch_dtype is not None and stored is not None else 1.0
     check_free_disk(folder, output, max(growth, 1.0))
+    return_freed_tensors_to_the_system()  # else freed layers stay in a fragmented heap
     meta = build_meta_model(hf_config, torch_dtype, family.task, trust_remote_code)
     if tokenizer is None:
         try:
