@@ -71,13 +71,12 @@ def reference_select_expert_pairs(gate_weight, topk, threshold, division_by_norm
     return {tuple(sorted(s)) for s in vertex_to_cluster.values()}
 
 
-def reference_threshold_search(gates, topk, target, threshold=0.5, coactivations=None, **kwargs):
-    """merge_weight.py `__main__` (l.286-319): the step search; None where the reference exits."""
+def reference_step_loop(total_at, target, threshold=0.5):
+    """merge_weight.py `__main__` (l.286-319): the step search over `total_at(threshold)`; None where the
+    reference exits (ten trials in a row with one total)."""
     step, last_direction, never_changed, experts = 0.1, 0, True, []
-    coactivations = coactivations or [None] * len(gates)
     while True:
-        total = sum(len(reference_select_expert_pairs(g, topk[i], threshold, coactivation=coactivations[i], **kwargs))
-                    for i, g in enumerate(gates))
+        total = total_at(threshold)
         if total < target:
             direction = -1
         elif total > target:
@@ -92,6 +91,17 @@ def reference_threshold_search(gates, topk, target, threshold=0.5, coactivations
         step = step * 2 if never_changed else step / 2
         threshold += step * direction
         last_direction = direction
+
+
+def reference_threshold_search(gates, topk, target, threshold=0.5, coactivations=None, **kwargs):
+    """The step search on the layers' total cluster count, as the reference runs it."""
+    coactivations = coactivations or [None] * len(gates)
+
+    def total_at(t):
+        return sum(len(reference_select_expert_pairs(g, topk[i], t, coactivation=coactivations[i], **kwargs))
+                   for i, g in enumerate(gates))
+
+    return reference_step_loop(total_at, target, threshold)
 
 
 def _routers(wrapped) -> list[torch.Tensor]:
@@ -144,33 +154,39 @@ def test_stun_readme_options_match_the_reference():
     wrapped.prune_experts(MoEPruneConfig(method="stun", num_experts_total=8, method_options=options))
     expected = [reference_select_expert_pairs(g, 3, threshold, division_by_norm=False) for g in gates]
     assert _stun_clusters(wrapped) == expected
+    assert _details(wrapped)["threshold"] == pytest.approx(threshold)  # on undivided distances
     assert min(map(len, expected)) <= 4  # 8 clusters over two layers: at least one layer is averaged
     for clusters, entry in zip(expected, wrapped.record["layers"].values(), strict=True):
         if len(clusters) <= 4:  # merge_max_clusters: the layer averages every cluster
             assert sorted(map(tuple, entry["groups"])) == sorted(clusters)
 
 
-def test_stun_coactivation_distance_matches_the_reference():
-    wrapped = _planted_router_layers(2)
-    model = wrapped.model
-    gates = _routers(wrapped)
-    # the reference's co-occurrence counts: top-2 pairs of every calibration token, per layer (diagonal 0)
+def _reference_coactivation(wrapped, gates) -> list[torch.Tensor]:
+    """The reference's co-occurrence counts (`assemble_logit_patterns.py` l.29-44): the top-2 pair of every
+    calibration token, per layer, diagonal 0."""
     counts = [torch.zeros(6, 6) for _ in gates]
     captured: dict[int, torch.Tensor] = {}
     hooks = [layer.router.register_forward_hook(lambda m, a, out, i=i: captured.__setitem__(i, a[0].reshape(-1, a[0].shape[-1])))
              for i, layer in enumerate(wrapped.moe_layers())]
     with torch.no_grad():
         for batch in CALIB:
-            model(batch.unsqueeze(0))
+            wrapped.model(batch.unsqueeze(0))
             for i, hidden in captured.items():
                 top = torch.topk(F.softmax(hidden.float() @ gates[i].float().T, dim=1), 2, dim=1).indices
-                pairs = torch.zeros(len(top), 6, 6)  # assemble_logit_patterns.py l.29-44
+                pairs = torch.zeros(len(top), 6, 6)
                 tokens = torch.arange(len(top))
                 pairs[tokens, top[:, 0], top[:, 1]] = 1
                 pairs[tokens, top[:, 1], top[:, 0]] = 1
                 counts[i] += pairs.sum(0)
     for hook in hooks:
         hook.remove()
+    return counts
+
+
+def test_stun_coactivation_distance_matches_the_reference():
+    wrapped = _planted_router_layers(2)
+    gates = _routers(wrapped)
+    counts = _reference_coactivation(wrapped, gates)
     threshold = reference_threshold_search(gates, [4, 4], 9, threshold=-0.5, coactivations=counts, divide_mean=True)
     assert threshold is not None
     options = {"distance": "coactivation", "divide_mean": True, "threshold": -0.5}
@@ -178,6 +194,81 @@ def test_stun_coactivation_distance_matches_the_reference():
     expected = [reference_select_expert_pairs(g, 4, threshold, coactivation=c, divide_mean=True)
                 for g, c in zip(gates, counts, strict=True)]
     assert _stun_clusters(wrapped) == expected
+    assert _details(wrapped)["threshold"] == pytest.approx(threshold)  # on distances divided by |mean|
+    assert (_details(wrapped)["distance"], _details(wrapped)["merge_method"]) == (
+        "coactivation", "greedy_but_reject_mixed")
+
+
+def test_stun_mixed_distance_matches_the_reference():
+    """`distance="mix"`: mix_weight * (-C / |mean C|) + the undivided router distance, as the reference."""
+    wrapped = _planted_router_layers(2)
+    gates = _routers(wrapped)
+    counts = _reference_coactivation(wrapped, gates)
+    kwargs = {"mix_weight": 0.3}
+    threshold = reference_threshold_search(gates, [4, 4], 9, threshold=4.0, coactivations=counts, **kwargs)
+    assert threshold is not None
+    options = {"distance": "mix", "mix_weight": 0.3, "threshold": 4.0}
+    wrapped.prune_experts(MoEPruneConfig(method="stun", num_experts_total=9, method_options=options), calibration=CALIB)
+    expected = [reference_select_expert_pairs(g, 4, threshold, coactivation=c, **kwargs)
+                for g, c in zip(gates, counts, strict=True)]
+    assert _stun_clusters(wrapped) == expected
+    assert _details(wrapped)["threshold"] == pytest.approx(threshold)
+
+
+def test_stun_coactivation_distance_of_small_counts_is_divided_by_their_mean():
+    """Counts whose mean is below 1 (few calibration tokens, or normalised counts) are still divided by it."""
+    from hf_moeprune.methods.stun import coactivation_distance, mixed_distance
+
+    counts = torch.tensor([[0.0, 0.5, 0.1], [0.5, 0.0, 0.2], [0.1, 0.2, 0.0]])
+    expected = -counts / (-counts).mean().abs()
+    torch.testing.assert_close(coactivation_distance(counts, divide_mean=True), expected)
+    router = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 1.0]])
+    torch.testing.assert_close(mixed_distance(counts, router, 0.5), 0.5 * expected + torch.cdist(router, router))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_stun_step_search_queries_the_thresholds_the_reference_queries(seed):
+    """The step search on scripted totals (reachable or not): the same thresholds tried, the same end."""
+    from hf_moeprune.methods.stun import step_search
+
+    generator = torch.Generator().manual_seed(seed)
+    script = torch.randint(4, 9, (60,), generator=generator).tolist()
+    if seed % 2:  # long runs of one total, so the reference's ten-in-a-row exit is what ends the search
+        script = [value for value in script[:6] for _ in range(7)] + [5] * 20
+    target = 10 if seed % 4 == 3 else 6  # 10: never reached
+
+    def scripted(queried):
+        return lambda threshold: queried.append(threshold) or script[min(len(queried) - 1, len(script) - 1)]
+
+    ours, theirs = [], []
+    expected = reference_step_loop(scripted(theirs), target)
+    if expected is None:
+        with pytest.raises(ValueError, match="cannot reach exactly"):
+            step_search(scripted(ours), target, 0.5)
+    else:
+        assert step_search(scripted(ours), target, 0.5) == pytest.approx(expected)
+    assert ours == pytest.approx(theirs)
+
+
+def test_stun_top_k_option_caps_the_merges_of_every_layer():
+    """The reference's `--top_k`: at most that many merges per layer, whatever the threshold allows."""
+    wrapped = _planted_router_layers(0)
+    gates = _routers(wrapped)
+    threshold = reference_threshold_search(gates, [1, 1], 10)
+    assert threshold is not None
+    wrapped.prune_experts(MoEPruneConfig(method="stun", num_experts_total=10, method_options={"top_k": 1}))
+    assert _stun_clusters(wrapped) == [reference_select_expert_pairs(g, 1, threshold) for g in gates]
+    assert [len(c) for c in _stun_clusters(wrapped)] == [5, 5]
+
+
+def test_stun_never_merges_a_layer_below_its_router_top_k():
+    """A layer of identical experts would merge into one; the default cap stops it at the router's top-k (2)."""
+    wrapped = _planted_router_layers(1)
+    with torch.no_grad():
+        first = wrapped.moe_layers()[0].router_tensors()["weight"]
+        first[:] = first[0]
+    wrapped.prune_experts(MoEPruneConfig(method="stun", num_experts_total=8))
+    assert [len(c) for c in _stun_clusters(wrapped)] == [2, 6]
 
 
 @pytest.mark.parametrize("keep", [4, 2])

@@ -149,3 +149,45 @@ def test_stun_validates_before_calibration():
         )
     with pytest.raises(ValueError, match="weight_sparsity"):
         wrapped.prune_experts(MoEPruneConfig(method="stun", experts_per_layer=4, unstructured="owl"))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_complete_linkage_clusters_match_scipy_cut_at_each_count(seed):
+    """`merge_method="complete"`: heights and clusters are scipy's complete linkage of the point distances,
+    cut into each number of clusters (fcluster's maxclust)."""
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.spatial.distance import pdist
+
+    points = np.random.default_rng(seed).normal(size=(7, 5))
+    expected = linkage(pdist(points), method="complete")
+    dendrogram = Dendrogram.from_distance(torch.cdist(torch.from_numpy(points), torch.from_numpy(points)))
+    np.testing.assert_allclose(dendrogram.heights, expected[:, 2], rtol=1e-12)
+    for count in range(1, 8):
+        labels = fcluster(expected, count, criterion="maxclust")
+        groups = sorted(sorted(np.flatnonzero(labels == label).tolist()) for label in set(labels))
+        assert dendrogram.clusters(count) == groups
+
+
+def test_threshold_ties_spread_over_layers_still_total_the_target():
+    """Merges at one height in several layers are taken in layer order until the total is met exactly."""
+    tied = {f"l{i}": Dendrogram.from_distance(torch.zeros(4, 4)) for i in range(3)}
+    floors = dict.fromkeys(tied, 1)
+    for target in range(3, 13):
+        counts, _ = global_threshold_counts(tied, floors, target)
+        assert sum(counts.values()) == target
+        assert list(counts.values()) == sorted(counts.values())  # earlier layers give up experts first
+
+
+def test_uniform_complete_linkage_records_each_layer_merge_height():
+    from scipy.cluster.hierarchy import linkage
+    from scipy.spatial.distance import squareform
+
+    wrapped = _planted({0: [(0, 1)]}, top_k=2)
+    routers = [layer.router_tensors()["weight"].detach().clone() for layer in wrapped.moe_layers()]
+    options = {"merge_method": "complete"}
+    wrapped.prune_experts(MoEPruneConfig(method="stun", experts_per_layer=4, method_options=options))
+    recorded = wrapped.record["steps"][-1]["details"]["threshold"]
+    for router, (path, height) in zip(routers, recorded.items(), strict=True):
+        d = router_distance(router).double().numpy()
+        heights = linkage(squareform((d + d.T) / 2, checks=False), method="complete")[:, 2]
+        assert height == pytest.approx(heights[6 - 4 - 1]), path  # the second of the two merges
