@@ -191,3 +191,14 @@ def test_uniform_complete_linkage_records_each_layer_merge_height():
         d = router_distance(router).double().numpy()
         heights = linkage(squareform((d + d.T) / 2, checks=False), method="complete")[:, 2]
         assert height == pytest.approx(heights[6 - 4 - 1]), path  # the second of the two merges
+
+
+def test_global_complete_linkage_counts_and_threshold_are_the_bisection_of_the_layers_dendrograms():
+    wrapped = _planted({0: [(0, 1), (3, 5)]}, top_k=2)
+    dendrograms = {layer.path: Dendrogram.from_distance(router_distance(layer.router_tensors()["weight"]))
+                   for layer in wrapped.moe_layers()}
+    counts, threshold = global_threshold_counts(dendrograms, dict.fromkeys(dendrograms, 2), 9)
+    wrapped.prune_experts(MoEPruneConfig(method="stun", num_experts_total=9, method_options={"merge_method": "complete"}))
+    details = wrapped.record["steps"][-1]["details"]
+    assert details["counts"] == counts and details["threshold"] == threshold
+    assert [s["num_experts"] for s in wrapped.summary()] == list(counts.values())
