@@ -21,13 +21,13 @@ M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 STREAMING_MMAP_THRESHOLD = 1 << 20
 
 
-def return_freed_tensors_to_the_system() -> bool:
+def return_freed_tensors_to_the_system() -> None:
     """Have glibc serve every allocation of 1 MiB or more by its own mapping, unmapped when freed.
 
     By default glibc raises that threshold each time such a block is freed, up to 32 MiB; a streamed layer's
     tensors below it then come from the heap, which fragments as layers come and go and is not given back:
     peak RSS grew by about half a layer per layer (1.34 GiB instead of 0.56 on a 24-layer checkpoint of
-    60 MB layers). Setting the threshold fixes it for the process. False where the C library is not glibc.
+    60 MB layers). Setting the threshold fixes it for the process; nothing happens where the C library is not glibc.
     """
     import ctypes
     import ctypes.util
@@ -36,5 +36,6 @@ def return_freed_tensors_to_the_system() -> bool:
     try:
         mallopt = ctypes.CDLL(name).mallopt if name else None
     except (OSError, AttributeError):
-        return False
-    return bool(mallopt and mallopt(M_MMAP_THRESHOLD, STREAMING_MMAP_THRESHOLD))
+        return
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, STREAMING_MMAP_THRESHOLD)
