@@ -111,3 +111,16 @@ def test_counts_that_cannot_split_evenly_are_refused(model, count, message):
 def test_non_uniform_counts_are_refused_naming_the_groups(model, method):
     with pytest.raises(ValueError, match=r"n_group=2: experts 0-3, 4-7\); use uniform counts"):
         _reduce(model, MoEPruneConfig(method=method, expert_sparsity=0.5, adaptive=True))
+
+
+def test_stun_top_k_cap_is_shared_by_the_groups_rounding_down(model):
+    """The reference's `--top_k` merges per layer are split equally by the routing groups: 3 merges over 2 groups
+    allow 1 per group (not 1.5), so 6 experts per layer is the fewest STUN can reach and 4 is refused."""
+    options = {"top_k": 3}
+    total = 6 * len(model.moe_layers())
+    with pytest.raises(ValueError, match="cannot reach exactly"):
+        _reduce(model, MoEPruneConfig(method="stun", num_experts_total=4 * len(model.moe_layers()),
+                                      method_options=options))
+    _reduce(model, MoEPruneConfig(method="stun", num_experts_total=total, method_options=options))
+    for entry in model.record["layers"].values():
+        assert [sorted({index // 4 for index in group}) for group in entry["groups"]] == [[0]] * 3 + [[1]] * 3
