@@ -21,7 +21,7 @@ from hf_moeprune.methods.merging import (
     redundancy_counts,
     solve_assignment,
 )
-from hf_moeprune.methods.merging.alignment import expert_parameter
+from hf_moeprune.methods.merging.alignment import count_sketch, expert_parameter
 from hf_moeprune.moe_layers import find_moe_layers
 from hf_moeprune.surgery import LayerPlan, apply_layer_plan
 
@@ -162,6 +162,61 @@ def test_adaptive_counts_follow_redundancy():
     diverse, _ = _planted_similarity([[e] for e in range(8)], 8, seed=1)
     counts = redundancy_counts({"a": redundant, "b": diverse}, budget=10, floors={"a": 2, "b": 2})
     assert counts == {"a": 2, "b": 8}
+
+
+def _upgma_heights(distance: np.ndarray) -> list[float]:
+    """Average-linkage merge heights by the definition: repeatedly join the two clusters whose members' mean
+    pairwise distance is smallest (the reference the scipy-based rule must agree with)."""
+    clusters = [[i] for i in range(len(distance))]
+    heights = []
+    while len(clusters) > 1:
+        pairs = [(a, b) for a in range(len(clusters)) for b in range(a + 1, len(clusters))]
+        mean = {(a, b): distance[np.ix_(clusters[a], clusters[b])].mean() for a, b in pairs}
+        a, b = min(mean, key=mean.get)
+        heights.append(float(mean[(a, b)]))
+        clusters = [c for i, c in enumerate(clusters) if i not in (a, b)] + [clusters[a] + clusters[b]]
+    return heights
+
+
+@pytest.mark.parametrize("budget", [19, 15, 12, 9])
+def test_adaptive_counts_take_the_cheapest_average_linkage_merges_over_all_layers(budget):
+    """Removing m experts from a layer costs its m-th average-linkage height on 1 - similarity; the budget takes
+    the globally cheapest removals (random similarities: no ties, single or complete linkage would differ)."""
+    floors = {"a": 2, "b": 1, "c": 3}
+    similarities = {}
+    for seed, path in enumerate(floors):
+        features = np.random.default_rng(seed).normal(size=(7, 5))
+        unit = features / np.linalg.norm(features, axis=1, keepdims=True)
+        similarities[path] = torch.from_numpy(unit @ unit.T)
+    costs = sorted(
+        (height, path)
+        for path, sim in similarities.items()
+        for height in _upgma_heights(1.0 - sim.numpy())[: 7 - floors[path]]
+    )
+    removed = [path for _, path in costs[: 21 - budget]]
+    expected = {path: 7 - removed.count(path) for path in floors}
+    assert redundancy_counts(similarities, budget, floors) == expected
+
+
+def test_adaptive_counts_stop_at_every_layers_floor():
+    similarities = {path: _planted_similarity([[e] for e in range(6)], 6, seed=s)[0] for s, path in enumerate("ab")}
+    floors = {"a": 2, "b": 3}
+    assert redundancy_counts(similarities, 5, floors) == floors
+    with pytest.raises(ValueError, match="budget of 4 experts leaves some layer below its top-k"):
+        redundancy_counts(similarities, 4, floors)
+
+
+def test_count_sketch_adds_each_column_with_a_sign_to_one_bucket():
+    """Each input column lands in exactly one of the `dim` buckets with sign +-1: sketching the identity shows
+    the map; every bucket and both signs are used, and the sketch is linear (rows sketch independently)."""
+    width, dim = 400, 8
+    sketch = count_sketch(torch.eye(width), dim, seed=3)
+    assert sketch.shape == (width, dim) and sketch.dtype == torch.float32
+    assert ((sketch != 0).sum(1) == 1).all()
+    assert set(sketch[sketch != 0].tolist()) == {-1.0, 1.0}
+    assert ((sketch != 0).sum(0) > 0).all()
+    features = torch.randn(3, width)
+    torch.testing.assert_close(count_sketch(features, dim, seed=3), features @ sketch)
 
 
 def _tokens(seed=0, n=8, length=24):
