@@ -14,10 +14,12 @@ from hf_moeprune.methods.unstructured import (
     UnstructuredOptions,
     nm_prune_mask,
     owl_layer_sparsities,
+    owl_prune_,
     row_prune_mask,
     wanda_prune_,
     wanda_scores,
 )
+from hf_moeprune.methods.unstructured.masks import outlier_counts
 
 CALIB = torch.randint(3, VOCAB, (4, 16), generator=torch.Generator().manual_seed(1))
 
@@ -46,6 +48,11 @@ def test_masks_on_synthetic_scores():
     assert (nm.view(5, 4, 4).sum(-1) == 2).all()
     with pytest.raises(ValueError, match="divisible"):
         nm_prune_mask(torch.rand(2, 6), 2, 4, in_axis=1)
+    # the N:M mask zeroes the m - n lowest of every group of m consecutive inputs, in either layout
+    grouped = score[:, :8].reshape(6, 2, 4)
+    nm = nm_prune_mask(score[:, :8], 2, 4, in_axis=1).reshape(6, 2, 4)
+    assert (grouped[nm].view(6, 2, 2).max(-1).values <= grouped[~nm].view(6, 2, 2).min(-1).values).all()
+    assert torch.equal(nm_prune_mask(score[:, :8].T.contiguous(), 2, 4, in_axis=0).T.reshape(6, 2, 4), nm)
     # an expert no token reached falls back to magnitude
     w = torch.randn(3, 4)
     assert torch.equal(wanda_scores(w, torch.zeros(4), 1), w.abs())
@@ -138,6 +145,51 @@ def test_unstructured_options_reject_bad_requests():
         wrapped.prune_experts(MoEPruneConfig(method="owl"), calibration=CALIB)
 
 
+def test_owl_outliers_are_scores_strictly_above_the_threshold():
+    """The authors' `check_outlier_mean`: scores > M * mean, so a score equal to the threshold is no outlier."""
+    assert outlier_counts(torch.tensor([1.0, 2.0, 2.0, 3.0]), 2.0) == 1
+
+
+def test_moe_function_api_prunes_the_targets_it_is_given():
+    """`wanda_prune_` / `owl_prune_` on an MoE model: the experts by default, the named targets otherwise, with
+    the N:M pattern passed through."""
+    def fresh():
+        model = build_tiny_model("mixtral")
+        return model, AutoMoEPruneModelForCausalLM.from_model(model).moe_layers()
+
+    def expert_rows(layers):
+        return [_expert_rows(layer, spec, e) for layer in layers for spec in layer.expert_tensor_specs()
+                for e in range(layer.num_experts)]
+
+    for prune in (wanda_prune_, owl_prune_):
+        model, layers = fresh()
+        prune(model, list(CALIB.split(2)), 0.5, moe_layers=layers)
+        assert (model.model.layers[0].self_attn.q_proj.weight != 0).all()
+        shares = torch.cat([(rows == 0).float().mean(1) for rows in expert_rows(layers)])
+        assert ((shares > 0.4) & (shares < 0.6)).all()  # OWL's layers within target +- lambda (0.08)
+
+    for prune in (wanda_prune_, owl_prune_):
+        model, layers = fresh()
+        prune(model, list(CALIB.split(2)), 0.5, targets=["attention"], moe_layers=layers)
+        assert all((rows != 0).all() for rows in expert_rows(layers))
+        assert 0.4 < float((model.model.layers[0].self_attn.q_proj.weight == 0).float().mean()) < 0.6
+
+    model, layers = fresh()
+    wanda_prune_(model, list(CALIB.split(2)), 0.0, nm=(2, 4), moe_layers=layers)
+    assert all(((rows != 0).view(rows.shape[0], -1, 4).sum(-1) == 2).all() for rows in expert_rows(layers))
+
+
+def test_function_api_passes_the_sequential_option_through():
+    """Sequential Wanda sees the inputs of already pruned layers, so its second layer's mask differs from the
+    one-pass (`sequential=False`) mask computed on the unpruned model."""
+    masks = {}
+    for sequential in (True, False):
+        model = build_tiny_model("llama")
+        wanda_prune_(model, list(CALIB.split(2)), 0.5, sequential=sequential)
+        masks[sequential] = model.model.layers[1].mlp.down_proj.weight == 0
+    assert not torch.equal(masks[True], masks[False])
+
+
 def test_dense_model_function_api():
     model = build_tiny_model("llama")
     head = model.lm_head.weight.clone()
@@ -151,6 +203,13 @@ def test_dense_model_function_api():
         assert ((w == 0).sum(1) == w.shape[1] // 2).all(), name
     assert torch.equal(model.lm_head.weight, head)
     assert report.forward_passes == 2
+    model = build_tiny_model("llama")
+    report = owl_prune_(model, list(CALIB.split(2)), 0.5, owl_lambda=0.2)
+    assert sorted(report.weight_sparsity) == sorted(linears)
+    # spread over 2 * lambda (0.16 at the default lambda); the reported shares round to whole weights per row
+    shares = report.weight_sparsity.values()
+    assert max(shares) - min(shares) == pytest.approx(0.4, abs=0.03)
+    assert sum(shares) / len(linears) == pytest.approx(0.5, abs=0.02)
 
 
 @torch.no_grad()

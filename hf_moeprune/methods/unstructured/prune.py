@@ -332,6 +332,11 @@ def unstructured_prune_(
     return method.report
 
 
+def _default_targets(targets: Sequence[str] | None, moe_layers: Sequence[MoELayer] | None) -> tuple[str, ...]:
+    """The targets asked for, else the experts of an MoE model or every decoder linear of a dense one."""
+    return tuple(targets) if targets else (("experts",) if moe_layers else ("all_linear",))
+
+
 def wanda_prune_(
     model: nn.Module,
     batches: Sequence[torch.Tensor],
@@ -343,7 +348,7 @@ def wanda_prune_(
     **options: Any,
 ) -> UnstructuredReport:
     """Wanda in place. Dense models (no `moe_layers`) prune every decoder linear by default."""
-    targets = tuple(targets) if targets else (("experts",) if moe_layers else ("all_linear",))
+    targets = _default_targets(targets, moe_layers)
     return unstructured_prune_(
         model, batches, UnstructuredOptions(sparsity, "wanda", nm=nm, targets=targets, **options), moe_layers
     )
@@ -359,7 +364,7 @@ def owl_prune_(
     **options: Any,
 ) -> UnstructuredReport:
     """OWL (outlier-weighted layer-wise sparsity + Wanda scores) in place."""
-    targets = tuple(targets) if targets else (("experts",) if moe_layers else ("all_linear",))
+    targets = _default_targets(targets, moe_layers)
     return unstructured_prune_(
         model, batches, UnstructuredOptions(sparsity, "owl", targets=targets, **options), moe_layers
     )
