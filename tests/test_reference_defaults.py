@@ -328,16 +328,20 @@ def _expert_outputs(layer, hidden: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reference_reap_pruned(wrapped, ids: torch.Tensor, compression_ratio: float) -> list[tuple[set[int], set[int]]]:
-    """CerebrasResearch/reap: `update_pruning_state` (pruning_metrics.py l.172-198) with renormalisation only
-    under norm_topk_prob (main.py l.120-124; Mixtral has none), then `prune` (prune.py l.101-103) of
-    int(E * ratio) experts per layer (l.261). Returns per layer the kept experts and the experts tied at the
-    cut (torch.topk orders ties arbitrarily, so either may be kept)."""
+def reference_reap_pruned(
+    wrapped, ids: torch.Tensor, compression_ratio: float, renormalise: bool = False
+) -> list[tuple[set[int], set[int]]]:
+    """CerebrasResearch/reap: `update_pruning_state` (pruning_metrics.py l.172-198) with renormalisation over
+    the top-k only under norm_topk_prob (main.py l.120-124; Mixtral has none; `renormalise`), then `prune`
+    (prune.py l.101-103) of int(E * ratio) experts per layer (l.261). Returns per layer the kept experts and
+    the experts tied at the cut (torch.topk orders ties arbitrarily, so either may be kept)."""
     kept = []
     for layer, (hidden, _) in zip(wrapped.moe_layers(), _block_traffic(wrapped, ids), strict=True):
         logits = hidden.float() @ layer.router_tensors()["weight"].float().T
         selected = torch.topk(logits, layer.top_k, dim=-1).indices
         weights = F.softmax(logits, dim=1, dtype=torch.float)
+        if renormalise:
+            weights = weights / weights.gather(1, selected).sum(1, keepdim=True)
         activations = _expert_outputs(layer, hidden)
         reap = torch.zeros(layer.num_experts)
         for i in range(layer.num_experts):
@@ -361,6 +365,22 @@ def test_reap_matches_the_reference_on_the_testbeds(name, ratio):
     ids = _testbed_ids(wrapped)
     expected = reference_reap_pruned(wrapped, ids, ratio)
     wrapped.prune_experts(MoEPruneConfig(method="reap", expert_sparsity=ratio), calibration=ids)
+    for kept, (reference, tied) in zip(_kept_sets(wrapped), expected, strict=True):
+        assert len(kept) == len(reference) and kept - tied == reference - tied
+
+
+@pytest.mark.parametrize(("family", "seed", "overrides", "gate", "renormalise"), [
+    ("mixtral", 0, {}, "applied", True),  # the weight Mixtral's forward applies: renormalised over the top-k
+    ("qwen3_moe", 1, {}, "reference", True),  # norm_topk_prob=True: the authors renormalise too
+    ("qwen3_moe", 1, {"norm_topk_prob": False}, "reference", False),
+])
+def test_reap_gate_follows_norm_topk_prob_or_the_applied_option(family, seed, overrides, gate, renormalise):
+    wrapped = AutoMoEPruneModelForCausalLM.from_model(build_tiny_model(family, seed, **overrides))
+    expected = reference_reap_pruned(wrapped, CALIB, 0.5, renormalise=renormalise)
+    other = reference_reap_pruned(wrapped, CALIB, 0.5, renormalise=not renormalise)
+    assert [kept for kept, _ in expected] != [kept for kept, _ in other]  # the planted case tells the gates apart
+    wrapped.prune_experts(MoEPruneConfig(method="reap", expert_sparsity=0.5, method_options={"gate": gate}),
+                          calibration=CALIB)
     for kept, (reference, tied) in zip(_kept_sets(wrapped), expected, strict=True):
         assert len(kept) == len(reference) and kept - tied == reference - tied
 
