@@ -7,6 +7,7 @@ structure and on the shipped testbeds.
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import pytest
@@ -16,6 +17,7 @@ from conftest import VOCAB, build_tiny_model
 
 from hf_moeprune import AutoMoEPruneModelForCausalLM, testbed
 from hf_moeprune.config import MoEPruneConfig
+from hf_moeprune.surgery import LayerPlan, apply_layer_plan
 
 CALIB = torch.randint(3, VOCAB, (4, 16), generator=torch.Generator().manual_seed(2))
 
@@ -393,25 +395,43 @@ def test_reap_rounds_the_pruned_count_down_like_the_reference():
     assert _kept_sets(wrapped) == [kept for kept, _ in expected]
 
 
+def _naee_best_kept(layer, hidden: torch.Tensor, output: torch.Tensor, r: int, top_k: int | None) -> set[int]:
+    """The authors' `enumerate` (model/wrapper.py l.101-126): every dropped set scored by the layer's forward
+    with the dropped router logits at -inf, against the cached output."""
+    n, k = layer.num_experts, top_k or layer.top_k
+    logits = hidden @ layer.router_tensors()["weight"].T
+    losses = {}
+    for dropped in itertools.combinations(range(n), n - r):
+        masked = logits.clone()
+        masked[:, list(dropped)] = -float("inf")
+        weights, selected = torch.topk(F.softmax(masked, dim=1, dtype=torch.float), k, dim=-1)
+        weights /= weights.sum(dim=-1, keepdim=True)
+        out = layer.experts(hidden, selected, weights.to(hidden.dtype))
+        losses[dropped] = torch.norm(output.double() - out.double()).item()
+    return set(range(n)) - set(min(losses, key=losses.get))
+
+
 @torch.no_grad()
-def reference_naee_kept(wrapped, ids: torch.Tensor, r: int) -> list[set[int]]:
+def reference_naee_kept(
+    wrapped, ids: torch.Tensor, r: int, top_k: int | None = None, max_tokens: int | None = None,
+    progressive: bool = False, own_target: bool = False,
+) -> list[set[int]]:
     """Lucky-Lance/Expert_Sparsity `layerwise_pruning` (method/expert_pruning.py l.15-56): X and Z cached from
-    one pass of the original model; per layer every dropped set is scored by the wrapper's forward with the
-    dropped router logits at -inf (model/wrapper.py l.38-99, `enumerate` l.101-126, one cached batch)."""
+    one pass of the original model, each layer searched on them (`max_tokens` evenly spread rows of them).
+    `progressive=True` is `progressive_pruning` (l.59-109): X from the model with the earlier layers already
+    pruned, Z still the original's (`own_target`: the wrong target, the pruned model's own layer output)."""
+    original = _block_traffic(wrapped, ids)
+    model = copy.deepcopy(wrapped)
     kept = []
-    for layer, (hidden, output) in zip(wrapped.moe_layers(), _block_traffic(wrapped, ids), strict=True):
-        n, k = layer.num_experts, layer.top_k
-        logits = hidden @ layer.router_tensors()["weight"].T
-        losses = {}
-        for dropped in itertools.combinations(range(n), n - r):
-            masked = logits.clone()
-            masked[:, list(dropped)] = -float("inf")
-            weights, selected = torch.topk(F.softmax(masked, dim=1, dtype=torch.float), k, dim=-1)
-            weights /= weights.sum(dim=-1, keepdim=True)
-            out = layer.experts(hidden, selected, weights.to(hidden.dtype))
-            losses[dropped] = torch.norm(output.double() - out.double()).item()
-        best = min(losses, key=losses.get)
-        kept.append(set(range(n)) - set(best))
+    for index, layer in enumerate(model.moe_layers()):
+        hidden, output = _block_traffic(model, ids)[index] if progressive else original[index]
+        if not own_target:
+            output = original[index][1]
+        if max_tokens is not None:
+            rows = torch.linspace(0, hidden.shape[0] - 1, max_tokens).long()
+            hidden, output = hidden[rows], output[rows]
+        kept.append(_naee_best_kept(layer, hidden, output, r, top_k))
+        apply_layer_plan(layer, LayerPlan.keep(sorted(kept[-1])), top_k)
     return kept
 
 
@@ -435,6 +455,24 @@ def test_naee_matches_the_reference_on_planted_layers():
     wrapped.prune_experts(MoEPruneConfig(method="naee", experts_per_layer=4), calibration=CALIB, batch_size=len(CALIB))
     assert _kept_sets(wrapped) == expected
     assert all({1, 3} <= kept for kept in expected)
+
+
+@pytest.mark.parametrize(("options", "top_k", "seed"), [
+    ({"inputs": "pruned"}, None, 0),  # progressive_pruning: pruned inputs, the original model's outputs
+    ({"max_tokens": 8}, None, 0),
+    ({}, 1, 0),  # the search scores each subset with the top-k the pruned model will route with
+])
+def test_naee_options_match_the_reference(options, top_k, seed):
+    wrapped = AutoMoEPruneModelForCausalLM.from_model(build_tiny_model("mixtral", seed, num_hidden_layers=3))
+    reference = {"progressive": options.get("inputs") == "pruned", "max_tokens": options.get("max_tokens")}
+    expected = reference_naee_kept(wrapped, CALIB, 3, top_k=top_k, **reference)
+    # the planted model tells the option apart: without it the search keeps other experts
+    plain = reference_naee_kept(wrapped, CALIB, 3, own_target=reference["progressive"],
+                                **{**reference, "max_tokens": None} if top_k is None else reference)
+    assert expected != plain
+    wrapped.prune_experts(MoEPruneConfig(method="naee", experts_per_layer=3, top_k=top_k, method_options=options),
+                          calibration=CALIB, batch_size=len(CALIB))
+    assert _kept_sets(wrapped) == expected
 
 
 # ----------------------------------------------------------------------------------------------- OWL
