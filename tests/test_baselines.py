@@ -109,6 +109,19 @@ def test_reap_splits_a_total_budget_evenly():
     assert [layer.num_experts for layer in wrapped.moe_layers()] == [4, 4]
 
 
+def test_random_pruning_is_the_seeded_permutation_drawn_in_layer_order():
+    """The reference rule: one generator seeded by the config, a permutation per layer in layer order, the first
+    `count` of it kept; the same seed keeps the same experts and another seed others."""
+    def kept(seed: int) -> list[list[int]]:
+        wrapped = AutoMoEPruneModelForCausalLM.from_model(build_tiny_model("mixtral"))
+        wrapped.prune_experts(MoEPruneConfig(method="random", experts_per_layer=3, seed=seed))
+        return [sorted(g[0] for g in entry["groups"]) for entry in wrapped.record["layers"].values()]
+
+    generator = torch.Generator().manual_seed(5)
+    assert kept(5) == [sorted(torch.randperm(6, generator=generator)[:3].tolist()) for _ in range(2)]
+    assert kept(5) != kept(6)
+
+
 def test_reap_scoring_functions():
     scores = reap_scores(torch.tensor([4.0, 0.0, 3.0]), torch.tensor([2.0, 0.0, 3.0]))
     assert scores.tolist() == [2.0, 0.0, 1.0]

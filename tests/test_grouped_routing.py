@@ -124,3 +124,9 @@ def test_stun_top_k_cap_is_shared_by_the_groups_rounding_down(model):
     _reduce(model, MoEPruneConfig(method="stun", num_experts_total=total, method_options=options))
     for entry in model.record["layers"].values():
         assert [sorted({index // 4 for index in group}) for group in entry["groups"]] == [[0]] * 3 + [[1]] * 3
+
+
+def test_naee_refusal_names_the_per_group_search(model):
+    with pytest.raises(ValueError, match=r"NAEE would try C\(4, 2\)\^2 = 36 expert subsets"):
+        model.prune_experts(MoEPruneConfig(method="naee", experts_per_layer=4, method_options={"max_subsets": 35}),
+                            calibration=None)
