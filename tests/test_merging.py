@@ -148,6 +148,41 @@ def test_clustering_finds_planted_groups(method):
     assert groups == cluster_experts(similarity, 3, method, frequency=frequency, features=features, seed=0)
 
 
+@pytest.mark.parametrize("linkage_method", ["average", "complete", "single"])
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_agglomerative_on_a_similarity_equals_scipy_on_one_minus_it(linkage_method, k):
+    """Without features, agglomerative clustering cuts the `linkage_method` tree of 1 - similarity at k
+    clusters: the same partition as scipy's `linkage` + `fcluster(maxclust=k)` (random data, no ties)."""
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.spatial.distance import squareform
+
+    features = np.random.default_rng(k).normal(size=(8, 4))
+    unit = features / np.linalg.norm(features, axis=1, keepdims=True)
+    similarity = torch.from_numpy(unit @ unit.T)
+    distance = 1.0 - similarity.numpy()
+    np.fill_diagonal(distance, 0.0)
+    labels = fcluster(linkage(squareform(distance, checks=False), linkage_method), k, "maxclust")
+    expected = sorted(sorted(np.flatnonzero(labels == label).tolist()) for label in np.unique(labels))
+    groups = cluster_experts(similarity, k, "agglomerative", frequency=torch.ones(8), linkage=linkage_method)
+    assert sorted(sorted(g) for g in groups) == expected
+
+
+def test_ward_linkage_without_features_is_refused_by_name():
+    with pytest.raises(ValueError, match="Ward linkage needs expert features, not a similarity"):
+        cluster_experts(torch.eye(4, dtype=torch.float64), 2, "agglomerative", frequency=torch.ones(4),
+                        linkage="ward")
+
+
+def test_dominant_experts_lead_and_the_rest_join_their_most_similar_leader():
+    """MC-SMoE's grouping: the k most used experts lead; every other expert joins the leader it is most
+    similar to, even where a non-leader is more similar still."""
+    similarity = torch.eye(5, dtype=torch.float64)
+    for a, b, value in [(2, 0, 0.6), (2, 4, 0.5), (3, 4, 0.7), (3, 2, 0.9), (1, 0, 0.1), (1, 4, 0.2)]:
+        similarity[a, b] = similarity[b, a] = value
+    groups = cluster_experts(similarity, 2, "dominant", frequency=torch.tensor([9.0, 1, 2, 3, 8]))
+    assert groups == [[0, 2], [4, 1, 3]]
+
+
 @pytest.mark.parametrize("method", ["spectral", "kmeans", "agglomerative"])
 def test_identical_experts_still_give_k_nonempty_groups(method):
     similarity = torch.ones(6, 6, dtype=torch.float64)

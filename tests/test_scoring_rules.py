@@ -15,6 +15,7 @@ from hf_moeprune import AutoMoEPruneModelForCausalLM
 from hf_moeprune.calibration import LayerStatistics
 from hf_moeprune.config import MoEPruneConfig
 from hf_moeprune.methods import get_method
+from hf_moeprune.methods.merging import frequency_counts
 from hf_moeprune.methods.stun import coactivation_distance
 from hf_moeprune.pipeline import Observation
 from hf_moeprune.pipeline.units import decoder_units
@@ -73,6 +74,20 @@ def test_adaptive_frequency_spends_the_budget_on_the_busiest_experts_model_wide(
     mass = [[1.0] * 6, [1.0] * 6]
     kept = _frequency_plan(counts, mass, tokens=200, num_experts_total=7, adaptive=True)
     assert kept == [[0, 1, 2, 3], [0, 1, 2]]
+
+
+def test_global_frequency_counts_lift_each_layers_top_experts_and_share_out_dead_layers():
+    """MC-SMoE's `_assign_num_groups_per_layer`: shares of each layer's routed tokens, the top-k (here 1) of a
+    layer lifted to 1.0, keep what is strictly above the (budget + 1)-th largest. A layer no token reached
+    counts as uniform (0.25 each); counts already given as shares (sum 1) are used as they are."""
+    tokens = {"a": torch.tensor([50.0, 30, 15, 5]), "b": torch.zeros(4)}
+    # sorted: a 1.0 (lifted), b 1.0 (lifted), a 0.3, b 0.25 x3, ...: the 4th value 0.25 is the threshold
+    assert frequency_counts(tokens, 3, {"a": 1, "b": 1}) == {"a": 2, "b": 1}
+    shares = {"a": tokens["a"] / 100, "b": torch.tensor([0.4, 0.35, 0.2, 0.05])}
+    assert frequency_counts(shares, 3, {"a": 1, "b": 1}) == {"a": 1, "b": 2}
+    assert frequency_counts(tokens, 2, {"a": 1, "b": 1}) == {"a": 1, "b": 1}  # the floors exactly
+    with pytest.raises(ValueError, match="budget of 1 experts leaves some layer below its top-k"):
+        frequency_counts(tokens, 1, {"a": 1, "b": 1})
 
 
 def test_frequency_applies_a_requested_top_k():
