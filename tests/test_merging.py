@@ -345,3 +345,20 @@ def test_bad_options_fail_before_calibration():
         )
     with pytest.raises(ValueError, match="top-k"):
         wrapped.merge_experts(MoEPruneConfig(method="uncurl", experts_per_layer=1))
+
+
+@pytest.mark.parametrize(("kind", "expected"), [
+    ("frequency", [3.0, 1.0]), ("prob-mass", [0.5, 0.25]), ("uniform", [1.0, 1.0]),
+])
+def test_merge_weights_follow_the_option(kind, expected):
+    """Members are averaged by routed tokens, router-probability mass or equally; a group no token reached
+    falls back to equal weights."""
+    from types import SimpleNamespace
+
+    from hf_moeprune.methods import get_method
+
+    config = MoEPruneConfig(method="uncurl", experts_per_layer=2, method_options={"merge_weights": kind})
+    method = get_method("uncurl")(config)
+    stats = SimpleNamespace(counts=torch.tensor([3.0, 0.0, 1.0]), prob_mass=torch.tensor([0.5, 0.0, 0.25]))
+    assert method.merge_weights(stats, [0, 2]) == expected
+    assert method.merge_weights(stats, [1]) == [1.0]
