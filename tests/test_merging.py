@@ -362,3 +362,36 @@ def test_merge_weights_follow_the_option(kind, expected):
     stats = SimpleNamespace(counts=torch.tensor([3.0, 0.0, 1.0]), prob_mass=torch.tensor([0.5, 0.0, 0.25]))
     assert method.merge_weights(stats, [0, 2]) == expected
     assert method.merge_weights(stats, [1]) == [1.0]
+
+
+def test_similarities_and_features_follow_their_definitions():
+    """Router-logit cosine and Pearson correlation of the logit columns, cosine of mean outputs (all-token
+    means when given, else routed-token means); features: logit profiles, standardised for correlation."""
+    from hf_moeprune.calibration import LayerStatistics
+    from hf_moeprune.methods.merging.similarity import expert_features, expert_similarity
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(50, 4, generator=generator) + torch.tensor([3.0, -1.0, 0.5, 2.0])  # non-zero means
+    stats = LayerStatistics(num_experts=4, hidden_size=3, intermediate_size=2)
+    stats.record_router(logits)
+    stats.output_sum = torch.randn(4, 3, generator=generator, dtype=torch.float64)
+    stats.counts = torch.tensor([2.0, 1.0, 4.0, 3.0], dtype=torch.float64)
+
+    def cosine(rows: torch.Tensor) -> torch.Tensor:
+        unit = rows.double() / rows.double().norm(dim=1, keepdim=True)
+        return unit @ unit.T
+
+    float32 = dict(rtol=1e-6, atol=1e-6)  # the logit Gram matrix and the profiles are accumulated in float32
+    torch.testing.assert_close(expert_similarity(stats, "router-logits"), cosine(logits.T), **float32)
+    correlation = torch.from_numpy(np.corrcoef(logits.T.double().numpy()))
+    torch.testing.assert_close(expert_similarity(stats, "router-correlation"), correlation, **float32)
+    routed_means = stats.output_sum / stats.counts.unsqueeze(1)
+    torch.testing.assert_close(expert_similarity(stats, "expert-output"), cosine(routed_means))
+    all_token_means = torch.randn(4, 3, generator=generator)
+    torch.testing.assert_close(expert_similarity(stats, "expert-output", all_token_means), cosine(all_token_means))
+
+    torch.testing.assert_close(expert_features(stats, "router-logits"), logits.T)
+    standardised = expert_features(stats, "router-correlation")
+    torch.testing.assert_close(standardised.double() @ standardised.double().T, correlation, **float32)
+    torch.testing.assert_close(expert_features(stats, "expert-output"), routed_means.float())
+    torch.testing.assert_close(expert_features(stats, "expert-output", all_token_means), all_token_means)
