@@ -457,19 +457,17 @@ def test_naee_matches_the_reference_on_planted_layers():
     assert all({1, 3} <= kept for kept in expected)
 
 
-@pytest.mark.parametrize(("options", "top_k", "seed"), [
-    ({"inputs": "pruned"}, None, 0),  # progressive_pruning: pruned inputs, the original model's outputs
-    ({"max_tokens": 8}, None, 0),
-    ({}, 1, 0),  # the search scores each subset with the top-k the pruned model will route with
+@pytest.mark.parametrize(("options", "top_k", "reference", "without"), [
+    # progressive_pruning: pruned inputs against the original model's outputs (not the pruned model's own)
+    ({"inputs": "pruned"}, None, {"progressive": True}, {"progressive": True, "own_target": True}),
+    ({"max_tokens": 8}, None, {"max_tokens": 8}, {}),
+    # the search scores each subset with the top-k the pruned model will route with
+    ({}, 1, {"top_k": 1}, {}),
 ])
-def test_naee_options_match_the_reference(options, top_k, seed):
-    wrapped = AutoMoEPruneModelForCausalLM.from_model(build_tiny_model("mixtral", seed, num_hidden_layers=3))
-    reference = {"progressive": options.get("inputs") == "pruned", "max_tokens": options.get("max_tokens")}
-    expected = reference_naee_kept(wrapped, CALIB, 3, top_k=top_k, **reference)
-    # the planted model tells the option apart: without it the search keeps other experts
-    plain = reference_naee_kept(wrapped, CALIB, 3, own_target=reference["progressive"],
-                                **{**reference, "max_tokens": None} if top_k is None else reference)
-    assert expected != plain
+def test_naee_options_match_the_reference(options, top_k, reference, without):
+    wrapped = AutoMoEPruneModelForCausalLM.from_model(build_tiny_model("mixtral", num_hidden_layers=3))
+    expected = reference_naee_kept(wrapped, CALIB, 3, **reference)
+    assert expected != reference_naee_kept(wrapped, CALIB, 3, **without)  # the option changes the answer here
     wrapped.prune_experts(MoEPruneConfig(method="naee", experts_per_layer=3, top_k=top_k, method_options=options),
                           calibration=CALIB, batch_size=len(CALIB))
     assert _kept_sets(wrapped) == expected
