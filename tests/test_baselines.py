@@ -8,7 +8,7 @@ from conftest import VOCAB, build_tiny_model, logits_of
 
 from hf_moeprune import AutoMoEPruneModelForCausalLM
 from hf_moeprune.config import MoEPruneConfig
-from hf_moeprune.methods.reap import reap_scores, super_experts
+from hf_moeprune.methods.reap import REAPOptions, reap_scores, super_experts
 
 CALIB = torch.randint(3, VOCAB, (4, 16), generator=torch.Generator().manual_seed(4))
 IDS = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(5))
@@ -95,8 +95,6 @@ def test_reap_reports_more_super_experts_than_places():
 
 @pytest.mark.parametrize("name", ["super_expert_quantile", "super_expert_fraction"])
 def test_reap_threshold_options_accept_the_closed_unit_interval(name):
-    from hf_moeprune.methods.reap import REAPOptions
-
     assert getattr(REAPOptions(**{name: 0.0}), name) == 0.0 and getattr(REAPOptions(**{name: 1.0}), name) == 1.0
     for bad in (-0.01, 1.01):
         with pytest.raises(ValueError, match=rf"option '{name}' of method 'reap' must be in \[0, 1\], got {bad}"):
@@ -118,8 +116,9 @@ def test_random_pruning_is_the_seeded_permutation_drawn_in_layer_order():
         return [sorted(g[0] for g in entry["groups"]) for entry in wrapped.record["layers"].values()]
 
     generator = torch.Generator().manual_seed(5)
-    assert kept(5) == [sorted(torch.randperm(6, generator=generator)[:3].tolist()) for _ in range(2)]
-    assert kept(5) != kept(6)
+    seeded = kept(5)
+    assert seeded == [sorted(torch.randperm(6, generator=generator)[:3].tolist()) for _ in range(2)]
+    assert seeded != kept(6)
 
 
 def test_reap_scoring_functions():

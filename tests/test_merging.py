@@ -4,14 +4,19 @@ pipelines end to end, and reduced checkpoints that reload with identical logits.
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from conftest import build_tiny_model
+from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.spatial.distance import squareform
 
 from hf_moeprune import AutoMoEPruneModelForCausalLM, MoEPruneConfig
+from hf_moeprune.calibration import LayerStatistics
 from hf_moeprune.families import family_for_model_type
+from hf_moeprune.methods import get_method
 from hf_moeprune.methods.merging import (
     align_groups,
     alignment_score,
@@ -22,6 +27,7 @@ from hf_moeprune.methods.merging import (
     solve_assignment,
 )
 from hf_moeprune.methods.merging.alignment import count_sketch, expert_parameter
+from hf_moeprune.methods.merging.similarity import expert_features, expert_similarity
 from hf_moeprune.moe_layers import find_moe_layers
 from hf_moeprune.surgery import LayerPlan, apply_layer_plan
 
@@ -153,9 +159,6 @@ def test_clustering_finds_planted_groups(method):
 def test_agglomerative_on_a_similarity_equals_scipy_on_one_minus_it(linkage_method, k):
     """Without features, agglomerative clustering cuts the `linkage_method` tree of 1 - similarity at k
     clusters: the same partition as scipy's `linkage` + `fcluster(maxclust=k)` (random data, no ties)."""
-    from scipy.cluster.hierarchy import fcluster, linkage
-    from scipy.spatial.distance import squareform
-
     features = np.random.default_rng(k).normal(size=(8, 4))
     unit = features / np.linalg.norm(features, axis=1, keepdims=True)
     similarity = torch.from_numpy(unit @ unit.T)
@@ -353,10 +356,6 @@ def test_bad_options_fail_before_calibration():
 def test_merge_weights_follow_the_option(kind, expected):
     """Members are averaged by routed tokens, router-probability mass or equally; a group no token reached
     falls back to equal weights."""
-    from types import SimpleNamespace
-
-    from hf_moeprune.methods import get_method
-
     config = MoEPruneConfig(method="uncurl", experts_per_layer=2, method_options={"merge_weights": kind})
     method = get_method("uncurl")(config)
     stats = SimpleNamespace(counts=torch.tensor([3.0, 0.0, 1.0]), prob_mass=torch.tensor([0.5, 0.0, 0.25]))
@@ -367,9 +366,6 @@ def test_merge_weights_follow_the_option(kind, expected):
 def test_similarities_and_features_follow_their_definitions():
     """Router-logit cosine and Pearson correlation of the logit columns, cosine of mean outputs (all-token
     means when given, else routed-token means); features: logit profiles, standardised for correlation."""
-    from hf_moeprune.calibration import LayerStatistics
-    from hf_moeprune.methods.merging.similarity import expert_features, expert_similarity
-
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(50, 4, generator=generator) + torch.tensor([3.0, -1.0, 0.5, 2.0])  # non-zero means
     stats = LayerStatistics(num_experts=4, hidden_size=3, intermediate_size=2)
