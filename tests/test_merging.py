@@ -4,6 +4,8 @@ pipelines end to end, and reduced checkpoints that reload with identical logits.
 from __future__ import annotations
 
 import copy
+import itertools
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -26,7 +28,8 @@ from hf_moeprune.methods.merging import (
     redundancy_counts,
     solve_assignment,
 )
-from hf_moeprune.methods.merging.alignment import count_sketch, expert_parameter
+from hf_moeprune.methods.merging import alignment
+from hf_moeprune.methods.merging.alignment import count_sketch, expert_parameter, unit_weight_features
 from hf_moeprune.methods.merging.similarity import expert_features, expert_similarity
 from hf_moeprune.moe_layers import find_moe_layers
 from hf_moeprune.surgery import LayerPlan, apply_layer_plan
@@ -130,6 +133,57 @@ def test_sketched_score_still_recovers_a_noisy_permutation():
     for solver in ("scipy", "auto"):
         found = solve_assignment(alignment_score(a, b, sketch_dim=512, chunk_rows=100), solver)
         assert np.array_equal(perm.numpy()[found], np.arange(256))
+
+
+def test_alignment_score_is_the_inner_product_of_unit_features_in_any_chunking():
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(7, 5, generator=g), torch.randn(7, 5, generator=g)
+    exact = (a @ b.T).numpy()
+    for chunk_rows in (1, 3, 7, 100):
+        np.testing.assert_allclose(alignment_score(a, b, sketch_dim=None, chunk_rows=chunk_rows), exact, rtol=1e-6)
+    sketched = (count_sketch(a, 3, seed=4) @ count_sketch(b, 3, seed=4).T).numpy()
+    np.testing.assert_allclose(alignment_score(a, b, sketch_dim=3, seed=4), sketched, rtol=1e-6)
+    np.testing.assert_allclose(alignment_score(a, b, sketch_dim=5), exact, rtol=1e-6)  # no narrower: exact
+
+
+@pytest.mark.parametrize(("flop_limit", "sketch_dim", "sketched"), [
+    (7 * 7 * 5 - 1, 4, True),  # exact product above the limit, features wider than the sketch
+    (7 * 7 * 5, 4, False),  # exactly at the limit
+    (0, 5, False),  # features no wider than the sketch
+])
+def test_auto_sketch_switches_on_above_the_flop_limit_only(monkeypatch, flop_limit, sketch_dim, sketched):
+    monkeypatch.setattr(alignment, "SKETCH_AUTO_FLOPS", flop_limit)
+    monkeypatch.setattr(alignment, "DEFAULT_SKETCH_DIM", sketch_dim)
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(7, 5, generator=g), torch.randn(7, 5, generator=g)
+    expected = count_sketch(a, 4) @ count_sketch(b, 4).T if sketched else a @ b.T
+    np.testing.assert_allclose(alignment_score(a, b), expected.numpy(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("solver", ["lapjv", "scipy", "auto", "auto-without-lap"])
+def test_assignment_maximises_the_total_score(monkeypatch, solver):
+    """Every solver returns the permutation with the highest total score, found here by trying all 720."""
+    if solver == "auto-without-lap":
+        monkeypatch.setitem(sys.modules, "lap", None)  # `import lap` raises ImportError: scipy takes over
+        solver = "auto"
+    score = np.random.default_rng(3).normal(size=(6, 6)).astype(np.float32)
+    best = max(itertools.permutations(range(6)), key=lambda p: score[np.arange(6), list(p)].sum())
+    assert solve_assignment(score, solver).tolist() == list(best)
+    with pytest.raises(ValueError, match="Unknown assignment solver 'hungarian'"):
+        solve_assignment(score, "hungarian")
+
+
+@torch.no_grad()
+def test_alignment_report_gives_the_identity_and_the_best_score():
+    layer = first_layer(build("mixtral"))
+    features = [unit_weight_features(layer, e) for e in (0, 1)]
+    score = alignment_score(*features)
+    (report,) = align_groups(layer, [[0, 1], [2]], mode="weights", solver="scipy")
+    perm = solve_assignment(score, "scipy")
+    assert (report.anchor, report.member) == (0, 1)
+    assert report.score_before == pytest.approx(float(np.trace(score)))
+    assert report.score_after == pytest.approx(float(score[np.arange(len(perm)), perm].sum()))
+    assert report.moved_units == int((perm != np.arange(len(perm))).sum()) > 0
 
 
 def _planted_similarity(groups, num, noise=0.05, seed=0):
