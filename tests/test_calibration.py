@@ -7,7 +7,7 @@ import torch
 from conftest import VOCAB, build_tiny_model, logits_of
 from datasets import Dataset
 
-from hf_moeprune.calibration import collect_statistics, prepare_calibration
+from hf_moeprune.calibration import LayerStatistics, collect_statistics, prepare_calibration
 from hf_moeprune.calibration.statistics import RECORDING_IMPLEMENTATION, _register_recording_implementation
 from hf_moeprune.families import registered_families
 from hf_moeprune.moe_layers import find_moe_layers
@@ -55,3 +55,106 @@ def test_recording_forward_matches_grouped_mm():
     _register_recording_implementation()
     model.config._experts_implementation = RECORDING_IMPLEMENTATION
     torch.testing.assert_close(logits_of(model, batch), reference, atol=1e-5, rtol=0)
+
+
+def _routed_pairs(layer, selected: torch.Tensor, weights: torch.Tensor) -> list[tuple[int, int, float]]:
+    """(token, expert, gate) for every token-expert pair the experts module was called with: top-k indices
+    and weights for fused layouts, a one-hot dispatch mask (all zero for a dropped token) for Switch."""
+    if layer.spec.expert_layout == "fused":
+        return [(t, int(e), float(g)) for t in range(selected.shape[0]) for e, g in zip(selected[t], weights[t], strict=True)]
+    mask = selected.reshape(selected.shape[0], -1)
+    return [(t, int(mask[t].argmax()), float(weights[t, 0])) for t in range(mask.shape[0]) if mask[t].any()]
+
+
+def _expert_by_definition(layer, expert: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(intermediate activations, output) of one expert on one token, from its weights as transformers'
+    eager loop defines them; the output is checked against the experts module's own forward."""
+    experts = layer.experts
+    if layer.spec.expert_layout == "fused":
+        def linear(value, name):
+            weight = getattr(experts, name)[expert]
+            out = value @ weight if experts.is_transposed else value @ weight.T
+            return out + getattr(experts, f"{name}_bias")[expert] if experts.has_bias else out
+
+        hidden = linear(x, "gate_up_proj" if experts.has_gate else "up_proj")
+        a = experts._apply_gate(hidden) if experts.has_gate else experts.act_fn(hidden)
+        y = linear(a, "down_proj")
+        own = experts(x[None], torch.tensor([[expert]]), torch.ones(1, 1))[0]
+    else:
+        module = layer.expert_module(expert)
+        a = module.act(module.wi(x))
+        y = module.wo(a)
+        own = module(x[None])[0]
+    torch.testing.assert_close(y, own, rtol=1e-5, atol=1e-6)
+    return a, y
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "deepseek_v3", "switch_transformers"])
+@torch.no_grad()
+def test_statistics_equal_their_definitions_token_by_token(family):
+    """Every running sum equals the same quantity computed pair by pair from what the router and the experts
+    were given: counts, REAP's gated and softmax-weighted output norms, output sums and peaks, Wanda's input
+    and intermediate squares, router-logit sums, Gram matrix, probability mass and the first logit rows, and
+    co-activation. Switch's expert capacity is set so that tokens are dropped."""
+    overrides = {"expert_capacity": 3} if family == "switch_transformers" else {}
+    model = build_tiny_model(family, **overrides)
+    layers = find_moe_layers(model, registered_families()[family])
+    seen: dict[str, list] = {layer.path: [] for layer in layers}
+    hooks = []
+    for layer in layers:
+        hooks.append(layer.router.register_forward_pre_hook(lambda m, a, p=layer.path: seen[p].append([a[0]])))
+        hooks.append(layer.experts.register_forward_pre_hook(lambda m, a, p=layer.path: seen[p][-1].extend(a)))
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randint(4, VOCAB, (2, 8), generator=generator) for _ in range(2)]
+    is_encoder_decoder = family == "switch_transformers"
+    stats = collect_statistics(model, layers, batches, is_encoder_decoder=is_encoder_decoder, progress=False,
+                               max_logit_samples=20)
+    for hook in hooks:
+        hook.remove()
+    for layer in layers:
+        s, e = stats[layer.path], layer.num_experts
+        weight = layer.router_tensors()["weight"].float()
+        bias = layer.router_tensors().get("bias")
+        expected = LayerStatistics(num_experts=e, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size)
+        logits_seen, dropped = [], 0
+        for router_input, hidden, selected, gates in seen[layer.path]:
+            logits = router_input.reshape(-1, weight.shape[1]).float() @ weight.T
+            logits = logits + bias.float() if bias is not None else logits
+            logits_seen.append(logits)
+            probs = logits.softmax(-1)
+            pairs = _routed_pairs(layer, selected, gates)
+            dropped += hidden.shape[0] - len({t for t, _, _ in pairs})
+            for t, expert, gate in pairs:
+                a, y = _expert_by_definition(layer, expert, hidden[t])
+                norm = float(y.norm())
+                expected.counts[expert] += 1
+                expected.output_norm_sum[expert] += norm
+                expected.gated_output_norm_sum[expert] += gate * norm
+                expected.prob_output_norm_sum[expert] += float(probs[t, expert]) * norm
+                expected.output_sum[expert] += y.double()
+                expected.output_max[expert] = max(float(expected.output_max[expert]), float(y.abs().max()))
+                expected.output_signed_max[expert] = max(float(expected.output_signed_max[expert]), float(y.max()))
+                expected.input_sq[expert] += hidden[t].double().square()
+                expected.intermediate_sq[expert, : a.shape[-1]] += a.double().square()
+            for t in range(hidden.shape[0]):
+                chosen = sorted({expert for token, expert, _ in pairs if token == t})
+                for i in chosen:
+                    for j in chosen:
+                        expected.coactivation[i, j] += 1
+        logits = torch.cat(logits_seen)
+        assert s.tokens == logits.shape[0] == 32
+        assert (dropped > 0) == (family == "switch_transformers")
+        torch.testing.assert_close(s.counts, expected.counts, rtol=0, atol=0)
+        torch.testing.assert_close(s.prob_pairs, expected.counts, rtol=0, atol=0)
+        torch.testing.assert_close(s.coactivation, expected.coactivation, rtol=0, atol=0)
+        torch.testing.assert_close(s.logit_sample, logits[:20], rtol=1e-6, atol=1e-6)
+        float32 = dict(rtol=1e-5, atol=1e-5)  # float32 products summed in another order (entries up to ~10)
+        torch.testing.assert_close(s.logit_sum, logits.sum(0).double(), **float32)
+        torch.testing.assert_close(s.logit_gram, (logits.T @ logits).double(), **float32)
+        torch.testing.assert_close(s.prob_mass, logits.softmax(-1).sum(0).double(), **float32)
+        for name in ("output_norm_sum", "gated_output_norm_sum", "prob_output_norm_sum", "output_sum",
+                     "output_max", "output_signed_max", "input_sq", "intermediate_sq"):
+            torch.testing.assert_close(getattr(s, name), getattr(expected, name), **float32, msg=lambda m, name=name: f"{name}: {m}")
+        used = expected.counts > 0
+        torch.testing.assert_close(s.mean_output()[used], s.output_sum[used] / expected.counts[used, None], rtol=0, atol=0)
+        assert (s.mean_output()[~used] == 0).all()

@@ -21,6 +21,7 @@ from hf_moeprune.families import family_for_model_type
 from hf_moeprune.methods import get_method
 from hf_moeprune.methods.merging import (
     align_groups,
+    alignment,
     alignment_score,
     cluster_experts,
     num_units,
@@ -28,7 +29,6 @@ from hf_moeprune.methods.merging import (
     redundancy_counts,
     solve_assignment,
 )
-from hf_moeprune.methods.merging import alignment
 from hf_moeprune.methods.merging.alignment import count_sketch, expert_parameter, unit_weight_features
 from hf_moeprune.methods.merging.similarity import expert_features, expert_similarity
 from hf_moeprune.moe_layers import find_moe_layers
