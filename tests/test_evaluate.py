@@ -6,10 +6,12 @@ import importlib.util
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from hf_moeprune.evaluate import check_tasks, evaluate_model, format_table, known_tasks, perplexity
+from hf_moeprune.evaluate.perplexity import perplexity_rows, summary
 from hf_moeprune.testbed import default_model_path, heldout_documents
 
 needs_task_data = pytest.mark.skipif(
@@ -226,3 +228,41 @@ def test_eval_command_refuses_unknown_task(capsys):
 
     assert main(["eval", "--tasks", "ppl,nope", "--no-progress"]) == 2
     assert "Known tasks: ppl" in capsys.readouterr().err
+
+
+def _documents(specs: list[tuple[str, str, float, int]]) -> list[dict]:
+    """Scored documents as `scored_documents` makes them, from (domain, topic, nll, tokens)."""
+    return [{"doc": {"text": f"{d} {t} é", "domain": d, "topic": t}, "nll": nll, "tokens": n} for d, t, nll, n in specs]
+
+
+def test_perplexity_summary_is_the_token_weighted_ratio_with_its_delta_method_error():
+    """exp(sum NLL / sum tokens); the standard error of the ratio estimator over documents, carried through the
+    exp; bits per UTF-8 byte of the documents' text ('é' is two bytes)."""
+    documents = _documents([("a", "x", 30.0, 10), ("a", "y", 80.0, 20), ("b", "x", 12.0, 6)])
+    nll, tokens = np.array([30.0, 80.0, 12.0]), np.array([10, 20, 6])
+    ratio = nll.sum() / tokens.sum()
+    residual = nll - ratio * tokens
+    stderr_ratio = np.sqrt(residual.var(ddof=1) / 3) / tokens.mean()  # the residuals sum to 0
+    text_bytes = sum(len(d["doc"]["text"].encode()) for d in documents)
+    result = summary(documents)
+    assert result["perplexity"] == pytest.approx(math.exp(ratio), rel=1e-12)
+    assert result["nll_per_token"] == pytest.approx(ratio, rel=1e-12)
+    assert result["stderr"] == pytest.approx(math.exp(ratio) * stderr_ratio, rel=1e-12)
+    assert result["bits_per_byte"] == pytest.approx(nll.sum() / math.log(2) / text_bytes, rel=1e-12)
+    assert (result["tokens"], result["documents"]) == (36, 3)
+    assert math.isnan(summary(documents[:1])["stderr"])
+
+
+def test_perplexity_rows_split_by_domain_and_by_topics_that_have_two_documents_each():
+    documents = _documents(
+        [("a", "x", 3.0, 2), ("a", "x", 4.0, 3), ("a", "y", 5.0, 2), ("a", "y", 1.0, 1), ("b", "z", 2.0, 1)]
+    )
+    rows = perplexity_rows("ppl", documents)
+    assert [r["task"] for r in rows] == ["ppl", "ppl/a", "ppl/b", "ppl/a/x", "ppl/a/y"]
+    by_task = {r["task"]: r for r in rows}
+    assert (by_task["ppl/a/y"]["n"], by_task["ppl/a/y"]["tokens"]) == (2, 3)
+    assert by_task["ppl/a/y"]["value"] == pytest.approx(math.exp(6.0 / 3))
+    assert by_task["ppl"]["stderr"] == summary(documents)["stderr"]
+    # one domain: no domain rows, topic rows under the task's name; a topic per document: no topic rows
+    assert [r["task"] for r in perplexity_rows("t", documents[:4])] == ["t", "t/x", "t/y"]
+    assert [r["task"] for r in perplexity_rows("t", documents[1:4])] == ["t"]
