@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from hf_moeprune.evaluate import check_tasks, evaluate_model, format_table, known_tasks, perplexity
+from hf_moeprune.evaluate.compare import compare_rows
 from hf_moeprune.evaluate.perplexity import perplexity_rows, summary
 from hf_moeprune.testbed import default_model_path, heldout_documents
 
@@ -266,3 +267,24 @@ def test_perplexity_rows_split_by_domain_and_by_topics_that_have_two_documents_e
     # one domain: no domain rows, topic rows under the task's name; a topic per document: no topic rows
     assert [r["task"] for r in perplexity_rows("t", documents[:4])] == ["t", "t/x", "t/y"]
     assert [r["task"] for r in perplexity_rows("t", documents[1:4])] == ["t"]
+
+
+def test_compare_rows_pair_each_result_with_the_base_row_of_the_same_task_and_metric():
+    base = [
+        {"task": "ppl", "metric": "perplexity", "value": 10.0, "stderr": 0.5, "n": 4},
+        {"task": "ppl", "metric": "bits_per_byte", "value": 0.0, "stderr": None, "n": 4},
+        {"task": "copa", "metric": "acc_norm", "value": 0.7, "stderr": 0.1, "n": 8},
+    ]
+    reduced = [
+        {"task": "ppl", "metric": "perplexity", "value": 12.0, "stderr": 0.7, "n": 4},
+        {"task": "ppl", "metric": "bits_per_byte", "value": 1.0, "n": 4},
+        {"task": "copa", "metric": "acc", "value": 0.5, "stderr": 0.2, "n": 8},  # no base row
+    ]
+    assert compare_rows(base, reduced) == [
+        {"task": "ppl", "metric": "perplexity", "n": 4, "base": 10.0, "base_stderr": 0.5, "value": 12.0,
+         "stderr": 0.7, "change": pytest.approx(0.2)},
+        {"task": "ppl", "metric": "bits_per_byte", "n": 4, "base": 0.0, "base_stderr": None, "value": 1.0,
+         "stderr": None, "change": None},
+        {"task": "copa", "metric": "acc", "n": 8, "base": None, "base_stderr": None, "value": 0.5,
+         "stderr": 0.2, "change": None},
+    ]
