@@ -172,7 +172,6 @@ class InputNormCollector:
         self.sq: dict[str, torch.Tensor] = {
             p: torch.zeros(m.weight.shape[-1], dtype=torch.float64) for p, m in modules.items()
         }
-        self.tokens: dict[str, int] = dict.fromkeys(modules, 0)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def __enter__(self) -> InputNormCollector:
@@ -189,6 +188,5 @@ class InputNormCollector:
         def hook(module: nn.Module, args: tuple) -> None:
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
             self.sq[path] += x.pow(2).sum(0).double().cpu()
-            self.tokens[path] += x.shape[0]
 
         return hook
