@@ -106,9 +106,8 @@ def test_statistics_equal_their_definitions_token_by_token(family):
         hooks.append(layer.experts.register_forward_pre_hook(lambda m, a, p=layer.path: seen[p][-1].extend(a)))
     generator = torch.Generator().manual_seed(0)
     batches = [torch.randint(4, VOCAB, (2, 8), generator=generator) for _ in range(2)]
-    is_encoder_decoder = family == "switch_transformers"
-    stats = collect_statistics(model, layers, batches, is_encoder_decoder=is_encoder_decoder, progress=False,
-                               max_logit_samples=20)
+    seq2seq = {"is_encoder_decoder": True} if family == "switch_transformers" else {}  # decoders: the default
+    stats = collect_statistics(model, layers, batches, progress=False, max_logit_samples=20, **seq2seq)
     for hook in hooks:
         hook.remove()
     for layer in layers:
