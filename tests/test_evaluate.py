@@ -5,12 +5,20 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 
-from hf_moeprune.evaluate import check_tasks, evaluate_model, format_table, known_tasks, perplexity
+from hf_moeprune.evaluate import (
+    check_tasks,
+    evaluate_model,
+    format_table,
+    heldout_subset,
+    known_tasks,
+    perplexity,
+)
 from hf_moeprune.evaluate.compare import compare_rows
 from hf_moeprune.evaluate.perplexity import perplexity_rows, summary
 from hf_moeprune.testbed import default_model_path, heldout_documents
@@ -102,6 +110,8 @@ def test_heldout_rows_split_by_domain_and_topic_and_pool_the_tokens(tiny, tokeni
     domains = [row for task, row in by_task.items() if task.count("/") == 1]
     assert len(domains) > 2
     assert by_task["ppl"]["n"] == 12 == sum(d["n"] for d in domains)
+    read = Counter(document.domain for document in heldout_subset(heldout_documents(), 12))
+    assert {task.split("/")[1]: row["n"] for task, row in by_task.items() if task.count("/") == 1} == read
     assert by_task["ppl"]["tokens"] == sum(d["tokens"] for d in domains)
     pooled = sum(math.log(d["value"]) * d["tokens"] for d in domains) / by_task["ppl"]["tokens"]
     assert math.log(by_task["ppl"]["value"]) == pytest.approx(pooled, rel=1e-9)
