@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
 import math
@@ -298,3 +299,26 @@ def test_compare_rows_pair_each_result_with_the_base_row_of_the_same_task_and_me
         {"task": "copa", "metric": "acc", "n": 8, "base": None, "base_stderr": None, "value": 0.5,
          "stderr": 0.2, "change": None},
     ]
+
+
+def test_own_text_is_read_by_paragraph_by_column_from_gzip_and_from_a_saved_dataset(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    from hf_moeprune.evaluate import load_text
+
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("First paragraph,\nstill the first.\n\n\n\nSecond one.")
+    assert list(load_text(text_file)["text"]) == ["First paragraph,\nstill the first.", "Second one."]
+    rows = [{"text": "kept", "domain": "a"}, {"text": "  ", "domain": "b"}, {"text": "also kept", "domain": "c"}]
+    with gzip.open(tmp_path / "docs.JSONL.gz", "wt") as handle:
+        handle.write("".join(json.dumps(row) + "\n" for row in rows))
+    table = load_text(tmp_path / "docs.JSONL.gz")
+    assert list(table["text"]) == ["kept", "also kept"] and list(table["domain"]) == ["a", "c"]
+    DatasetDict({"validation": Dataset.from_dict({"text": ["saved"]}), "test": Dataset.from_dict({"text": ["x"]})}).save_to_disk(tmp_path / "saved")
+    assert list(load_text(tmp_path / "saved")["text"]) == ["saved"]  # the first split
+    (tmp_path / "table.csv").write_text("body,domain\nsome words,a\n")
+    with pytest.raises(ValueError, match=r"no 'text' column \(columns: body, domain\)"):
+        load_text(tmp_path / "table.csv")
+    (tmp_path / "blank.txt").write_text("\n\n  \n")
+    with pytest.raises(ValueError, match="no non-empty text"):
+        load_text(tmp_path / "blank.txt")

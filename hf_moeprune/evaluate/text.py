@@ -12,7 +12,7 @@ def check_text_source(data: str | Path) -> Path:
     """The path of `data`, or a one-line error naming what is wrong, before any model is loaded."""
     path = Path(data)
     if path.is_dir():
-        if not (path / "dataset_info.json").is_file() and not (path / "state.json").is_file():
+        if not any((path / name).is_file() for name in ("dataset_info.json", "state.json", "dataset_dict.json")):
             raise ValueError(f"--data {path}: a folder must be a dataset saved with `save_to_disk`.")
         return path
     if not path.is_file():
