@@ -19,6 +19,7 @@ from hf_moeprune.evaluate import (
     heldout_subset,
     known_tasks,
     perplexity,
+    save_results,
 )
 from hf_moeprune.evaluate.compare import compare_rows
 from hf_moeprune.evaluate.perplexity import perplexity_rows, summary
@@ -169,7 +170,9 @@ def test_own_text_file_is_scored_like_the_same_documents_in_memory(tiny, tokeniz
     text_file.write_text("\n\n".join(paragraphs))
     rows = evaluate_model(tiny, tokenizer, tasks=[], data=text_file, progress=False)
     row = next(r for r in rows if r["task"] == "ppl_data" and r["metric"] == "perplexity")
-    expected = perplexity(tiny, tokenizer, paragraphs, progress=False)["overall"]
+    in_memory = perplexity(tiny, tokenizer, paragraphs, progress=False)
+    expected = in_memory["overall"]
+    assert list(in_memory["topics"]) == ["all/all"]  # plain strings: one domain and topic, "all"
     assert row["n"] == 3 and row["value"] == pytest.approx(expected["perplexity"], rel=1e-6)
     jsonl = tmp_path / "mine.jsonl"
     jsonl.write_text("".join(json.dumps({"text": p, "domain": d}) + "\n" for p, d in zip(paragraphs, "aab", strict=True)))
@@ -322,3 +325,8 @@ def test_own_text_is_read_by_paragraph_by_column_from_gzip_and_from_a_saved_data
     (tmp_path / "blank.txt").write_text("\n\n  \n")
     with pytest.raises(ValueError, match="no non-empty text"):
         load_text(tmp_path / "blank.txt")
+
+
+def test_saved_results_write_nan_as_null_into_new_folders(tmp_path):
+    path = save_results([{"task": "ppl", "value": 3.5, "stderr": float("nan")}], tmp_path / "a" / "b" / "r.json")
+    assert json.loads(path.read_text()) == [{"task": "ppl", "value": 3.5, "stderr": None}]
