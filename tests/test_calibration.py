@@ -157,3 +157,5 @@ def test_statistics_equal_their_definitions_token_by_token(family):
         used = expected.counts > 0
         torch.testing.assert_close(s.mean_output()[used], s.output_sum[used] / expected.counts[used, None], rtol=0, atol=0)
         assert (s.mean_output()[~used] == 0).all()
+    with pytest.raises(ValueError, match="Unknown similarity 'pearson': use 'cosine' or 'correlation'"):
+        s.router_logit_similarity("pearson")
