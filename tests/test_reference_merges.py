@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from conftest import FAMILIES, build_tiny_model
+from conftest import FAMILIES, build_tiny_model, make_unselectable
 from test_reference_defaults import CALIB, _details, _testbed, _testbed_ids
 
 from hf_moeprune import AutoMoEPruneModelForCausalLM
@@ -305,8 +305,30 @@ def test_mc_smoe_uniform_keeps_one_count_per_layer_and_loads_in_transformers(tmp
     torch.testing.assert_close(reloaded(CALIB).logits, wrapped.model(CALIB).logits, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize(("exact", "expected"), [(False, [4, 4]), (True, [6, 4])])
+def test_mc_smoe_exact_budget_takes_the_tied_shares_in_layer_order(exact, expected):
+    """Experts 4 and 5 of both layers get no token. With 10 of 12 experts budgeted the threshold share is 0:
+    the reference rule keeps the 8 used experts, under the budget; exact_budget fills it with the tied
+    zero-share experts, layer 0's first."""
+    ids = CALIB[:2]
+    wrapped = AutoMoEPruneModelForCausalLM.from_model(build_tiny_model("mixtral"))
+    make_unselectable(wrapped.model, wrapped.moe_layers(), [4, 5], ids)
+    config = MoEPruneConfig(method="mc-smoe", num_experts_total=10, method_options={"exact_budget": exact})
+    merged, _, traffic = merged_with_traffic(wrapped.model, ids, config)
+    assert all(int((logits.topk(2).indices >= 4).sum()) == 0 for _, logits in traffic.values())
+    assert [s["num_experts"] for s in merged.summary()] == expected
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     (dict(experts_per_layer=3, adaptive=True, method_options={"uniform": True}), "drop one of them"),
+    (dict(experts_per_layer=3, method_options={"bogus": 1, "alignment": "none"}),
+     r"Unknown option\(s\) \['bogus'\] for method 'mc-smoe'; known: "),
+    (dict(experts_per_layer=3, method_options={"linkage": "median"}),
+     r"method_options\['linkage'\]='median'; use one of average, complete, single, ward"),
+    (dict(experts_per_layer=3, method_options={"alignment_sketch": 0}), "'auto', None or a positive int, got 0"),
+    (dict(experts_per_layer=3, method_options={"alignment_sketch": "big"}), "'auto', None or a positive int"),
+    (dict(experts_per_layer=3, method_options={"alignment_tokens": 0}), "alignment_tokens'] must be a positive"),
+    (dict(experts_per_layer=3, method_options={"alignment_tokens": 8.0}), "alignment_tokens'] must be a positive"),
     (dict(expert_sparsity=0.5, method_options={"uniform": "yes"}), "uniform.*true or false"),
     (dict(expert_sparsity=0.5, method_options={"exact_budget": 1}), "exact_budget.*true or false"),
     (dict(experts_per_layer=3, method_options={"expert_output_tokens": "some"}), "all, routed"),
