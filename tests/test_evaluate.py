@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 from collections import Counter
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -330,3 +331,52 @@ def test_own_text_is_read_by_paragraph_by_column_from_gzip_and_from_a_saved_data
 def test_saved_results_write_nan_as_null_into_new_folders(tmp_path):
     path = save_results([{"task": "ppl", "value": 3.5, "stderr": float("nan")}], tmp_path / "a" / "b" / "r.json")
     assert json.loads(path.read_text()) == [{"task": "ppl", "value": 3.5, "stderr": None}]
+
+
+def test_data_sources_are_checked_by_kind_before_loading(tmp_path):
+    from hf_moeprune.evaluate.text import check_text_source
+
+    for name in ("notes.TXT", "docs.jsonl.gz", "table.Parquet"):
+        (tmp_path / name).write_text("x")
+        assert check_text_source(tmp_path / name) == tmp_path / name
+    (tmp_path / "notes.md.gz").write_text("x")
+    with pytest.raises(ValueError, match=r"notes.md.gz: unknown format; give one of .txt, .jsonl, .json, .csv, "):
+        check_text_source(tmp_path / "notes.md.gz")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(ValueError, match="folder: a folder must be a dataset saved with `save_to_disk`"):
+        check_text_source(tmp_path / "folder")
+    for marker in ("dataset_info.json", "state.json", "dataset_dict.json"):
+        saved = tmp_path / marker.split(".")[0]
+        saved.mkdir()
+        (saved / marker).write_text("{}")
+        assert check_text_source(saved) == saved
+
+
+def test_documents_in_memory_keep_their_domain_and_topic_else_all(tiny, tokenizer):
+    documents = [
+        "a plain string",
+        {"text": "a dict without fields"},
+        {"text": "a dict with a domain", "domain": "news"},
+        SimpleNamespace(text="an object with both", domain="books", topic="poems"),
+        SimpleNamespace(text="an object with neither"),
+    ]
+    result = perplexity(tiny, tokenizer, documents, progress=False)
+    assert {k: v["documents"] for k, v in result["topics"].items()} == {"all/all": 3, "books/poems": 1, "news/all": 1}
+
+
+def test_table_shows_missing_values_as_dashes_large_ones_in_exponent_form_and_the_change():
+    rows = [
+        {"task": "ppl", "metric": "perplexity", "n": 4, "base": 10.0, "base_stderr": 0.5, "value": 12.0,
+         "stderr": float("nan"), "change": 0.2},
+        {"task": "ppl", "metric": "word_perplexity", "n": 4, "base": None, "base_stderr": None,
+         "value": 123456.0, "stderr": None, "change": None},
+        {"task": "copa", "metric": "acc", "n": 8, "base": float("nan"), "base_stderr": None, "value": 0.5,
+         "stderr": 0.25, "change": None},
+    ]
+    assert format_table(rows, names=("8e", "6e")).splitlines() == [
+        "task  metric           n  8e        6e          change",
+        "----  ---------------  -  --------  ----------  ------",
+        "ppl   perplexity       4  10 ± 0.5  12          +20.0%",
+        "ppl   word_perplexity  4  -         1.235e+05   -",
+        "copa  acc              8  -         0.5 ± 0.25  -",
+    ]
