@@ -105,6 +105,10 @@ def test_long_documents_are_scored_in_lm_eval_windows_over_every_token(tiny, tok
     result = perplexity(tiny, tokenizer, [document], window=window, batch_size=4, progress=False)
     assert result["overall"]["tokens"] == len(ids)
     assert result["overall"]["nll_per_token"] == pytest.approx(-total / len(ids), rel=1e-5)
+    assert len(ids) > 257  # the default window is the testbeds' training length, 256
+    default = perplexity(tiny, tokenizer, [document], progress=False)["overall"]["nll_per_token"]
+    assert default == perplexity(tiny, tokenizer, [document], window=256, progress=False)["overall"]["nll_per_token"]
+    assert default != result["overall"]["nll_per_token"]
 
 
 def test_heldout_rows_split_by_domain_and_topic_and_pool_the_tokens(tiny, tokenizer):
