@@ -8,7 +8,11 @@ from conftest import VOCAB, build_tiny_model, logits_of
 from datasets import Dataset
 
 from hf_moeprune.calibration import LayerStatistics, collect_statistics, prepare_calibration
-from hf_moeprune.calibration.statistics import RECORDING_IMPLEMENTATION, _register_recording_implementation
+from hf_moeprune.calibration.statistics import (
+    RECORDING_IMPLEMENTATION,
+    _register_recording_implementation,
+    recording_experts_forward,
+)
 from hf_moeprune.families import registered_families
 from hf_moeprune.moe_layers import find_moe_layers
 
@@ -159,3 +163,48 @@ def test_statistics_equal_their_definitions_token_by_token(family):
         assert (s.mean_output()[~used] == 0).all()
     with pytest.raises(ValueError, match="Unknown similarity 'pearson': use 'cosine' or 'correlation'"):
         s.router_logit_similarity("pearson")
+
+
+def _standalone_experts(kind: str) -> torch.nn.Module:
+    """A fused experts module of a family the generic fallback may meet: Nemotron-H's has no gate
+    (down(act(up x))), Muse Spark's normalises each expert's output."""
+    if kind == "ungated":
+        from transformers.models.nemotron_h.configuration_nemotron_h import NemotronHConfig
+        from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHExperts
+
+        module = NemotronHExperts(NemotronHConfig(n_routed_experts=4, hidden_size=16, moe_intermediate_size=8))
+    else:
+        from transformers.models.muse_spark.configuration_muse_spark import MuseSparkTextConfig
+        from transformers.models.muse_spark.modeling_muse_spark import MuseSparkExperts
+
+        module = MuseSparkExperts(MuseSparkTextConfig(num_local_experts=4, moe_hidden_size=16, moe_intermediate_size=8))
+    module.config._experts_implementation = "eager"
+    for parameter in module.parameters():
+        torch.nn.init.normal_(parameter, 0, 0.3)
+    return module
+
+
+@pytest.mark.parametrize("kind", ["ungated", "post_norm"])
+@torch.no_grad()
+def test_recording_forward_matches_ungated_and_post_normed_experts(kind):
+    module = _standalone_experts(kind)
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(12, 16, generator=generator)
+    index = torch.stack([torch.randperm(4, generator=generator)[:2] for _ in range(12)])
+    weights = torch.rand(12, 2, generator=generator)
+    stats = LayerStatistics(num_experts=4, hidden_size=16, intermediate_size=8)
+    module._moeprune_recorder = stats
+    torch.testing.assert_close(recording_experts_forward(module, hidden, index, weights), module(hidden, index, weights))
+    pairs = [(t, int(e)) for t in range(12) for e in index[t]]
+    expected_sum, expected_counts = torch.zeros(4, 16, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
+    for t, expert in pairs:
+        expected_sum[expert] += module(hidden[t : t + 1], torch.tensor([[expert]]), torch.ones(1, 1))[0].double()
+        expected_counts[expert] += 1
+    torch.testing.assert_close(stats.counts, expected_counts, rtol=0, atol=0)
+    torch.testing.assert_close(stats.output_sum, expected_sum, rtol=1e-5, atol=1e-6)
+    if kind == "ungated":
+        up = module.up_proj
+        expected_sq = torch.zeros(4, 8, dtype=torch.float64)
+        for t, expert in pairs:
+            expected_sq[expert] += module.act_fn(hidden[t] @ up[expert].T).double().square()
+        torch.testing.assert_close(stats.intermediate_sq, expected_sq, rtol=1e-5, atol=1e-6)
