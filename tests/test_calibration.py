@@ -208,3 +208,17 @@ def test_recording_forward_matches_ungated_and_post_normed_experts(kind):
         for t, expert in pairs:
             expected_sq[expert] += module.act_fn(hidden[t] @ up[expert].T).double().square()
         torch.testing.assert_close(stats.intermediate_sq, expected_sq, rtol=1e-5, atol=1e-6)
+
+
+def test_co_activation_skips_the_no_expert_sentinels():
+    """Routers may mark a slot with no expert (index -1, or E for the "dropped" column some families one-hot
+    encode): such slots count for no expert, and the sums accumulate over calls."""
+    stats = LayerStatistics(num_experts=4, hidden_size=2, intermediate_size=2)
+    stats.record_routing(torch.tensor([[0, 2], [1, -1], [3, 4]]))
+    stats.record_routing(torch.tensor([[2, 0]]))
+    expected = torch.zeros(4, 4, dtype=torch.float64)
+    for chosen in ([0, 2], [1], [3], [2, 0]):
+        for i in chosen:
+            for j in chosen:
+                expected[i, j] += 1
+    torch.testing.assert_close(stats.coactivation, expected, rtol=0, atol=0)

@@ -96,7 +96,8 @@ class LayerStatistics:
         index = top_k_index.detach().reshape(top_k_index.shape[0], -1).long()
         valid = (index >= 0) & (index < self.num_experts)
         one_hot = torch.zeros(index.shape[0], self.num_experts, dtype=torch.float32, device=index.device)
-        one_hot.scatter_(1, index.clamp(0, self.num_experts - 1), valid.float())
+        # add, not write: a sentinel slot (-1, or E) clamped onto a chosen expert's column must not erase it
+        one_hot.scatter_add_(1, index.clamp(0, self.num_experts - 1), valid.float())
         self.coactivation += (one_hot.T @ one_hot).double().cpu()
 
     def record_experts(
