@@ -24,6 +24,7 @@ from hf_moeprune.evaluate import (
 )
 from hf_moeprune.evaluate.compare import compare_rows
 from hf_moeprune.evaluate.perplexity import perplexity_rows, summary
+from hf_moeprune.evaluate.tasks.sources import hash_order
 from hf_moeprune.testbed import default_model_path, heldout_documents
 
 needs_task_data = pytest.mark.skipif(
@@ -384,3 +385,10 @@ def test_table_shows_missing_values_as_dashes_large_ones_in_exponent_form_and_th
         "ppl   word_perplexity  4  -         1.235e+05   -",
         "copa  acc              8  -         0.5 ± 0.25  -",
     ]
+
+
+def test_heldout_subset_takes_the_first_documents_in_hash_order_or_all_in_their_own():
+    documents = heldout_documents()[:10]
+    assert heldout_subset(documents, None) == documents
+    subset = heldout_subset(documents, 4)
+    assert subset == hash_order(documents)[:4] and subset != documents[:4]

@@ -168,7 +168,7 @@ def test_assignment_maximises_the_total_score(monkeypatch, solver):
         solver = "auto"
     score = np.random.default_rng(3).normal(size=(6, 6)).astype(np.float32)
     best = max(itertools.permutations(range(6)), key=lambda p: score[np.arange(6), list(p)].sum())
-    assert solve_assignment(score, solver).tolist() == list(best)
+    assert solve_assignment(score, solver).tolist() == list(best) == solve_assignment(score).tolist()
     with pytest.raises(ValueError, match="Unknown assignment solver 'hungarian'"):
         solve_assignment(score, "hungarian")
 

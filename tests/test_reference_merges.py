@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 from contextlib import contextmanager
 
 import pytest
@@ -306,17 +307,23 @@ def test_mc_smoe_uniform_keeps_one_count_per_layer_and_loads_in_transformers(tmp
 
 
 @pytest.mark.parametrize(("exact", "expected"), [(False, [4, 4]), (True, [6, 4])])
-def test_mc_smoe_exact_budget_takes_the_tied_shares_in_layer_order(exact, expected):
+def test_mc_smoe_exact_budget_takes_the_tied_shares_in_layer_order(exact, expected, caplog):
     """Experts 4 and 5 of both layers get no token. With 10 of 12 experts budgeted the threshold share is 0:
-    the reference rule keeps the 8 used experts, under the budget; exact_budget fills it with the tied
-    zero-share experts, layer 0's first."""
+    the reference rule keeps the 8 used experts, under the budget (and says so); exact_budget fills it with
+    the tied zero-share experts, layer 0's first. The record keeps the counts and the budget."""
     ids = CALIB[:2]
     wrapped = AutoMoEPruneModelForCausalLM.from_model(build_tiny_model("mixtral"))
     make_unselectable(wrapped.model, wrapped.moe_layers(), [4, 5], ids)
     config = MoEPruneConfig(method="mc-smoe", num_experts_total=10, method_options={"exact_budget": exact})
-    merged, _, traffic = merged_with_traffic(wrapped.model, ids, config)
+    with caplog.at_level(logging.INFO, logger="hf_moeprune.methods.merging.pipeline"):
+        merged, _, traffic = merged_with_traffic(wrapped.model, ids, config)
     assert all(int((logits.topk(2).indices >= 4).sum()) == 0 for _, logits in traffic.values())
     assert [s["num_experts"] for s in merged.summary()] == expected
+    details = _details(merged)
+    assert list(details["experts_per_layer"].values()) == expected and details["budget"] == 10
+    under = "mc-smoe: shares tied at the frequency threshold keep 8 experts of the 10 budgeted (method_options " \
+        "exact_budget=True fills the budget)"
+    assert (under in caplog.messages) == (not exact)
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
