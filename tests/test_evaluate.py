@@ -392,3 +392,16 @@ def test_heldout_subset_takes_the_first_documents_in_hash_order_or_all_in_their_
     assert heldout_subset(documents, None) == documents
     subset = heldout_subset(documents, 4)
     assert subset == hash_order(documents)[:4] and subset != documents[:4]
+
+
+def test_result_table_leaves_a_missing_count_blank_and_writes_1e5_in_exponent_form():
+    rows = [
+        {"task": "ppl", "metric": "perplexity", "value": 100000.0, "stderr": 2.0},
+        {"task": "copa", "metric": "acc", "n": 8, "value": 0.5, "stderr": None},
+    ]
+    assert format_table(rows).splitlines() == [
+        "task  metric      n  value",
+        "----  ----------  -  -------------",
+        "ppl   perplexity     1.000e+05 ± 2",
+        "copa  acc         8  0.5",
+    ]

@@ -17,7 +17,7 @@ import torch
 from conftest import FAMILIES, build_tiny_model, make_unselectable
 from test_reference_defaults import CALIB, _details, _testbed, _testbed_ids
 
-from hf_moeprune import AutoMoEPruneModelForCausalLM
+from hf_moeprune import AutoMoEPruneModelForCausalLM, AutoMoEPruneModelForSeq2SeqLM
 from hf_moeprune.config import MoEPruneConfig
 from hf_moeprune.methods import get_method
 from hf_moeprune.methods.merging import frequency_counts
@@ -327,14 +327,17 @@ def test_mc_smoe_exact_budget_takes_the_tied_shares_in_layer_order(exact, expect
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    (dict(experts_per_layer=3, adaptive=True, method_options={"uniform": True}), "drop one of them"),
+    (dict(experts_per_layer=3, adaptive=True, method_options={"uniform": True}),
+     r"^method_options uniform=True asks for one count per layer, adaptive=True for per-layer counts; drop one of "
+     r"them\.$"),
     (dict(experts_per_layer=3, method_options={"bogus": 1, "alignment": "none"}),
-     r"Unknown option\(s\) \['bogus'\] for method 'mc-smoe'; known: "),
+     r"Unknown option\(s\) \['bogus'\] for method 'mc-smoe'; known: adaptive_by, alignment, alignment_solver, "),
     (dict(experts_per_layer=3, method_options={"linkage": "median"}),
      r"method_options\['linkage'\]='median'; use one of average, complete, single, ward"),
     (dict(experts_per_layer=3, method_options={"alignment_sketch": 0}), "'auto', None or a positive int, got 0"),
     (dict(experts_per_layer=3, method_options={"alignment_sketch": "big"}), "'auto', None or a positive int"),
-    (dict(experts_per_layer=3, method_options={"alignment_tokens": 0}), "alignment_tokens'] must be a positive"),
+    (dict(experts_per_layer=3, method_options={"alignment_tokens": 0}),
+     r"^method_options\['alignment_tokens'\] must be a positive int\.$"),
     (dict(experts_per_layer=3, method_options={"alignment_tokens": 8.0}), "alignment_tokens'] must be a positive"),
     (dict(expert_sparsity=0.5, method_options={"uniform": "yes"}), "uniform.*true or false"),
     (dict(expert_sparsity=0.5, method_options={"exact_budget": 1}), "exact_budget.*true or false"),
@@ -347,6 +350,27 @@ def test_bad_merge_options_fail_before_calibration(kwargs, message):
     with pytest.raises(ValueError, match=message):
         wrapped.merge_experts(MoEPruneConfig(method="mc-smoe", **kwargs), calibration=CALIB)
     assert calls == []
+
+
+def test_smallest_sketch_and_token_count_are_accepted():
+    wrapped = AutoMoEPruneModelForCausalLM.from_model(build_tiny_model("mixtral"))
+    options = {"alignment_sketch": 1, "alignment_tokens": 1}
+    get_method("mc-smoe")(MoEPruneConfig(method="mc-smoe", experts_per_layer=3, method_options=options)).validate(
+        wrapped.moe_layers()
+    )
+
+
+def test_switch_merges_with_a_folded_router_and_refuses_a_tied_one():
+    """Switch hands its experts a one-hot mask, not top-k indices: a tied router (rows mapped through the
+    experts' index) cannot be expressed, the folded default can."""
+    wrapped = AutoMoEPruneModelForSeq2SeqLM.from_model(build_tiny_model("switch_transformers"))
+    wrapped.progress = False
+    with pytest.raises(ValueError, match=r"^Family 'switch_transformers' does not pass top-k indices to its "
+                       r"experts, so a tied router cannot be mapped; use router='folded'\.$"):
+        wrapped.merge_experts(MoEPruneConfig(method="mc-smoe", experts_per_layer=3, method_options={"router": "tied"}),
+                              calibration=CALIB)
+    wrapped.merge_experts(MoEPruneConfig(method="mc-smoe", experts_per_layer=3), calibration=CALIB)
+    assert {s["num_experts"] for s in wrapped.summary()} == {3}
 
 
 # ----------------------------------------------------------------------------------------- frequency tests
