@@ -215,13 +215,13 @@ def _router_hook(layer: MoELayer, stats: LayerStatistics):
         hidden = args[0]
         tensors = layer.router_tensors()
         weight = tensors["weight"]
-        logits = F.linear(hidden.reshape(-1, weight.shape[1]).float(), weight.float(), _router_bias(module, tensors))
+        logits = F.linear(hidden.reshape(-1, weight.shape[1]).float(), weight.float(), _router_bias(tensors))
         stats.record_router(logits)
 
     return hook
 
 
-def _router_bias(module: nn.Module, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
+def _router_bias(tensors: dict[str, torch.Tensor]) -> torch.Tensor | None:
     bias = tensors.get("bias")
     return bias.float() if bias is not None else None
 
