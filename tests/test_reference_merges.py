@@ -323,7 +323,7 @@ def test_mc_smoe_exact_budget_takes_the_tied_shares_in_layer_order(exact, expect
     assert list(details["experts_per_layer"].values()) == expected and details["budget"] == 10
     under = "mc-smoe: shares tied at the frequency threshold keep 8 experts of the 10 budgeted (method_options " \
         "exact_budget=True fills the budget)"
-    assert (under in caplog.messages) == (not exact)
+    assert [m for m in caplog.messages if "shares tied" in m] == ([] if exact else [under])
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
