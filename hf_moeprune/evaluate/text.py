@@ -8,6 +8,12 @@ READERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".p
 TEXT_COLUMN = "text"
 
 
+def _format_suffix(path: Path) -> str:
+    """The suffix that names the file's format, looking through a `.gz`."""
+    suffix = path.suffix.lower()
+    return Path(path.stem).suffix.lower() if suffix == ".gz" else suffix
+
+
 def check_text_source(data: str | Path) -> Path:
     """The path of `data`, or a one-line error naming what is wrong, before any model is loaded."""
     path = Path(data)
@@ -17,7 +23,7 @@ def check_text_source(data: str | Path) -> Path:
         return path
     if not path.is_file():
         raise FileNotFoundError(f"--data {path}: no such file.")
-    suffix = path.suffix.lower() if path.suffix.lower() != ".gz" else Path(path.stem).suffix.lower()
+    suffix = _format_suffix(path)
     if suffix not in READERS:
         raise ValueError(f"--data {path}: unknown format; give one of {', '.join(READERS)} or a save_to_disk folder.")
     return path
@@ -38,8 +44,7 @@ def load_text(data: str | Path):
         if isinstance(table, datasets.DatasetDict):
             table = table[next(iter(table))]
     else:
-        suffix = path.suffix.lower() if path.suffix.lower() != ".gz" else Path(path.stem).suffix.lower()
-        reader = READERS[suffix]
+        reader = READERS[_format_suffix(path)]
         options = {"sample_by": "paragraph"} if reader == "text" else {}
         table = datasets.load_dataset(reader, data_files=str(path), split="train", **options)
     if TEXT_COLUMN not in table.column_names:
