@@ -59,6 +59,56 @@ def test_global_threshold_gives_non_uniform_counts_that_load(tmp_path):
     torch.testing.assert_close(logits_of(reloaded.model, IDS), after)
 
 
+@pytest.mark.parametrize("merge_method", ["greedy_but_reject_mixed", "complete"])
+def test_a_layer_the_threshold_leaves_whole_does_not_stop_the_later_layers(merge_method):
+    wrapped = _planted({1: [(0, 1), (3, 5)]})
+    options = {"merge_method": merge_method}
+    wrapped.prune_experts(MoEPruneConfig(method="stun", expert_sparsity=2 / 12, method_options=options))
+    assert [s["num_experts"] for s in wrapped.summary()] == [6, 4]
+    assert {2, 4} <= set(_kept(wrapped)["model.layers.1.mlp"])
+
+
+def test_merge_max_clusters_averages_every_cluster_of_each_layer_at_the_limit():
+    """`merge_max_clusters=4` and 4 clusters per layer: both layers average their clusters (the reference's
+    `len(expert_pairs_list) > merge_max_clusters` picks representatives only above the limit)."""
+    wrapped = _planted({0: [(0, 1)], 1: [(2, 4)]})
+    options = {"merge_max_clusters": 4}
+    wrapped.prune_experts(MoEPruneConfig(method="stun", experts_per_layer=4, method_options=options))
+    clusters = wrapped.record["steps"][-1]["details"]["clusters"]
+    assert set(clusters) == set(wrapped.record["layers"]) == {"model.layers.0.mlp", "model.layers.1.mlp"}
+    for path, entry in wrapped.record["layers"].items():
+        assert entry["groups"] == clusters[path] and max(map(len, clusters[path])) > 1, path
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(("representative", "kept"), [("centroid", 1), ("router", 2)])
+def test_representative_is_the_member_nearest_the_centroid_of_its_features(representative, kept):
+    """Experts 0-2 form one cluster: their router rows are c - e, c + e, c (expert 2 nearest the rows' centroid),
+    their weights w, w + 2d, w + 10d (expert 1 nearest the weights' centroid w + 4d)."""
+    wrapped = _planted({})
+    layer = wrapped.moe_layers()[0]
+    router = layer.router_tensors()["weight"]
+    offset = 1e-3 * torch.randn(router.shape[1], generator=torch.Generator().manual_seed(0))
+    router[0], router[1], router[2] = router[2] - offset, router[2] + offset, router[2]
+    for tensor in layer.expert_tensors().values():
+        step = 0.01 * torch.randn_like(tensor[0])
+        tensor[1], tensor[2] = tensor[0] + 2 * step, tensor[0] + 10 * step
+    options = {"representative": representative}
+    wrapped.prune_experts(MoEPruneConfig(method="stun", experts_per_layer=4, method_options=options))
+    assert wrapped.record["steps"][-1]["details"]["clusters"]["model.layers.0.mlp"][0] == [0, 1, 2]
+    assert _kept(wrapped)["model.layers.0.mlp"] == [kept, 3, 4, 5]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_cluster_of_two_keeps_its_first_member(seed):
+    """Two members are equidistant from their midpoint; rounding must not pick the second (the docstring's rule)."""
+    from hf_moeprune.methods.stun.clustering import pick_representative
+
+    experts = torch.randn(6, 300, generator=torch.Generator().manual_seed(seed))
+    assert pick_representative([2, 5], [experts]) == 2
+    assert pick_representative([5, 2], [experts]) == 5
+
+
 def test_router_variant_runs_no_forward_pass():
     wrapped = _planted({0: [(0, 1)]})
     calls = []
