@@ -252,3 +252,16 @@ def test_global_complete_linkage_counts_and_threshold_are_the_bisection_of_the_l
     details = wrapped.record["steps"][-1]["details"]
     assert details["counts"] == counts and details["threshold"] == threshold
     assert [s["num_experts"] for s in wrapped.summary()] == list(counts.values())
+
+
+def test_stun_options_refuse_negative_merge_caps_and_greedy_options_on_complete_linkage():
+    from hf_moeprune.methods.stun import STUNOptions
+
+    assert STUNOptions(top_k=0).top_k == 0  # no merge allowed is a valid cap
+    with pytest.raises(ValueError, match=r"^STUN top_k \(merges allowed per layer\) must be at least 0, got -1\.$"):
+        STUNOptions(top_k=-1)
+    message = r"^STUN top_k and merge_max_clusters belong to merge_method='greedy_but_reject_mixed'\.$"
+    for options in ({"top_k": 2}, {"merge_max_clusters": 2}):
+        with pytest.raises(ValueError, match=message):
+            STUNOptions(merge_method="complete", **options)
+        STUNOptions(**options)
