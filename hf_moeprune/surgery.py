@@ -48,11 +48,13 @@ class LayerPlan:
     def normalised_weights(self) -> list[list[float]]:
         if self.weights is None:
             return [[1.0 / len(g)] * len(g) for g in self.groups]
+        if len(self.weights) != len(self.groups):
+            raise ValueError(f"the plan has {len(self.weights)} lists of merge weights for {len(self.groups)} groups.")
         result = []
         for group, weights in zip(self.groups, self.weights, strict=True):
             total = float(sum(weights))
             if len(weights) != len(group) or total <= 0:
-                raise ValueError(f"Merge weights {weights} do not fit group {group}.")
+                raise ValueError(f"merge weights {weights} do not fit group {group}.")
             result.append([float(w) / total for w in weights])
         return result
 
@@ -79,6 +81,10 @@ def validate_layer_plan(layer: MoELayer, plan: LayerPlan, top_k: int | None = No
             if index in seen:
                 raise ValueError(f"{layer.path}: expert {index} appears in more than one group.")
             seen.add(index)
+    try:  # weights that do not fit the groups are refused here, before any layer is rewritten
+        plan.normalised_weights()
+    except ValueError as error:
+        raise ValueError(f"{layer.path}: {error}") from None
     if layer.expert_map is not None:
         raise ValueError(
             f"{layer.path} was merged with a tied router; reduce it again from a merge with "

@@ -81,3 +81,66 @@ def test_generic_fallback_recognises_an_unlisted_family(tmp_path):
     torch.testing.assert_close(logits_of(model, input_ids), before, atol=2e-5, rtol=0)
     reloaded = AutoModelForCausalLM.from_pretrained(wrapped.save_pretrained(tmp_path / "g")).eval()
     torch.testing.assert_close(logits_of(reloaded, input_ids), logits_of(model, input_ids), atol=1e-6, rtol=0)
+
+
+def test_unweighted_merge_is_the_plain_average_of_members_and_router_rows():
+    model = build_tiny_model("mixtral")
+    layer = find_moe_layers(model, registered_families()["mixtral"])[0]
+    experts = {k: v.detach().clone() for k, v in layer.expert_tensors().items()}
+    router = layer.router_tensors()["weight"].detach().clone()
+    apply_plan([layer], ReductionPlan({layer.path: LayerPlan(groups=[[0, 1, 3], [2], [4], [5]])}))
+    for name, before in experts.items():
+        torch.testing.assert_close(layer.expert_tensors()[name][0], before[[0, 1, 3]].mean(0))
+        torch.testing.assert_close(layer.expert_tensors()[name][1:], before[[2, 4, 5]])
+    torch.testing.assert_close(layer.router_tensors()["weight"][0], router[[0, 1, 3]].mean(0))
+
+
+BAD_PLANS = [
+    (LayerPlan(groups=[]), "the plan keeps no expert."),
+    (LayerPlan(groups=[[0], [], [1]]), "the plan has an empty group."),
+    (LayerPlan(groups=[[0], [6]]), "expert index 6 out of range (layer has 6)."),
+    (LayerPlan(groups=[[-1], [0]]), "expert index -1 out of range (layer has 6)."),
+    (LayerPlan(groups=[[0, 1], [1]]), "expert 1 appears in more than one group."),
+    (LayerPlan(groups=[[0, 1], [2]], weights=[[1.0, 1.0]]), "the plan has 1 lists of merge weights for 2 groups."),
+    (LayerPlan(groups=[[0, 1], [2]], weights=[[1.0], [1.0]]), "merge weights [1.0] do not fit group [0, 1]."),
+    (LayerPlan(groups=[[0, 1], [2]], weights=[[0.0, 0.0], [1.0]]), "merge weights [0.0, 0.0] do not fit group [0, 1]."),
+    (LayerPlan(groups=[[0, 1], [2]], tied_router=True), "a tied router maps every expert, but the plan leaves out [3, 4, 5]."),
+    (LayerPlan(groups=[[0]]), "1 experts is below the router's top-k of 2; set MoEPruneConfig(top_k=...) to lower "
+                              "top-k as well."),
+]
+
+
+@pytest.mark.parametrize(("bad", "message"), BAD_PLANS)
+def test_a_bad_layer_plan_is_refused_by_name_before_any_layer_changes(bad, message):
+    """The good plan of layer 0 is not applied either: `apply_plan` validates every layer first."""
+    model = build_tiny_model("mixtral")
+    layers = find_moe_layers(model, registered_families()["mixtral"])
+    before = {name: t.detach().clone() for name, t in layers[0].expert_tensors().items()}
+    plan = ReductionPlan({layers[0].path: LayerPlan.keep([0, 1, 2]), layers[1].path: bad})
+    with pytest.raises(ValueError) as error:
+        apply_plan(layers, plan)
+    assert str(error.value) == f"{layers[1].path}: {message}"
+    assert [layer.num_experts for layer in layers] == [6, 6]
+    for name, tensor in layers[0].expert_tensors().items():
+        torch.testing.assert_close(tensor, before[name], rtol=0, atol=0)
+
+
+def test_plans_for_unknown_layers_or_untied_families_are_refused():
+    model = build_tiny_model("mixtral")
+    layers = find_moe_layers(model, registered_families()["mixtral"])
+    with pytest.raises(ValueError, match=r"^The plan names layers the model does not have: \['model\.nope'\]\.$"):
+        apply_plan(layers, ReductionPlan({"model.nope": LayerPlan.keep([0, 1])}))
+    switch = build_tiny_model("switch_transformers")
+    layer = find_moe_layers(switch, registered_families()["switch_transformers"])[0]
+    tied = LayerPlan(groups=[[0, 1, 2], [3, 4, 5]], tied_router=True)
+    with pytest.raises(ValueError, match="does not pass top-k indices to its experts, so a tied router cannot be "
+                                         "mapped; use router='folded'"):
+        apply_plan([layer], ReductionPlan({layer.path: tied}))
+
+
+def test_a_plan_top_k_lets_a_layer_keep_fewer_experts_than_the_router_picked():
+    model = build_tiny_model("mixtral")
+    layers = find_moe_layers(model, registered_families()["mixtral"])
+    apply_plan(layers, ReductionPlan({layer.path: LayerPlan.keep([4]) for layer in layers}, top_k=1))
+    assert [(layer.num_experts, layer.top_k) for layer in layers] == [(1, 1), (1, 1)]
+    assert logits_of(model, torch.randint(4, VOCAB, (1, 8))).isfinite().all()
