@@ -314,3 +314,21 @@ def test_native_uneven_nonuniform_matches_one_process(tmp_path):
         assert out["layout"] == {"model.layers.0.mlp.experts": [2, 1], "model.layers.1.mlp.experts": [3, 2]}
         assert "model.layers.1.mlp.experts" in out["refusal"] and "1 experts" in out["refusal"]
     assert ranks[0]["local"] == [2, 3] and ranks[1]["local"] == [1, 2]
+
+
+def test_sweep_reads_text_files_paragraph_by_paragraph(tmp_path):
+    """`--eval-text` and `--text` files: blank-line paragraphs joined by one blank line, cut into full rows."""
+    from transformers import AutoTokenizer
+
+    from hf_moeprune.bench.sweep import token_ids
+    from hf_moeprune.testbed import testbed_path
+
+    model = str(testbed_path())
+    paragraphs = ["The river rose in the night.", "By morning the bridge was gone, and the town woke to water."]
+    text = tmp_path / "held.txt"
+    text.write_text(f"\n\n{paragraphs[0]}\n\n\n{paragraphs[1]}\n", encoding="utf-8")
+    expected = AutoTokenizer.from_pretrained(model)("\n\n".join(paragraphs), return_tensors="pt").input_ids[0]
+    ids = token_ids(model, str(text), vocab_size=0, count=3, seq_len=4, seed=0)
+    assert torch.equal(ids, expected[: 3 * 4].view(3, 4))
+    with pytest.raises(ValueError, match=f"holds fewer than {expected.numel() + 1} tokens"):
+        token_ids(model, str(text), vocab_size=0, count=1, seq_len=expected.numel() + 1, seed=0)

@@ -56,10 +56,10 @@ def make_inputs(args: BenchArgs, model_path: str, vocab_size: int) -> torch.Tens
     if args.text:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-        from ..calibration import read_text_file
+        from ..evaluate.text import load_text
 
-        ids = tokenizer("\n\n".join(read_text_file(args.text)), return_tensors="pt").input_ids[0]
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        ids = tokenizer("\n\n".join(load_text(args.text)["text"]), return_tensors="pt").input_ids[0]
         need = args.batch_size * args.seq_len
         if ids.numel() < need:
             ids = ids.repeat(need // ids.numel() + 1)

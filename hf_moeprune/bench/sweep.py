@@ -22,7 +22,8 @@ import time
 
 import torch
 
-from ..calibration import read_text_file
+from ..calibration import read_calibration_source
+from ..evaluate.text import load_text
 from .cli import add_bench_arguments, bench_args_from, spawn_launches, write_json
 from .plot import optional_plot, plot_benchmark, plot_sweep
 from .report import summary_table
@@ -35,7 +36,7 @@ def token_ids(model_path: str, text_file: str | None, vocab_size: int, count: in
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model_path)
-        ids = tokenizer("\n\n".join(read_text_file(text_file)), return_tensors="pt").input_ids[0]
+        ids = tokenizer("\n\n".join(load_text(text_file)["text"]), return_tensors="pt").input_ids[0]
         usable = (ids.numel() // seq_len) * seq_len
         if usable == 0:
             raise ValueError(f"{text_file} holds fewer than {seq_len} tokens")
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
     vocab = AutoConfig.from_pretrained(args.model).get_text_config().vocab_size
     calibration = (
-        read_text_file(namespace.calibration)
+        read_calibration_source(namespace.calibration)[0]  # read (and refused when bad) before any pruning
         if namespace.calibration
         else token_ids(args.model, None, vocab, namespace.calibration_samples, args.seq_len, args.seed + 1)
     )
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         prune_to(args.model, n, namespace.output_dir, namespace.method, calibration, args.seed)
         for n in sorted(set(namespace.experts), reverse=True)
     ]
-    eval_texts = read_text_file(namespace.eval_text) if namespace.eval_text else None
+    eval_texts = load_text(namespace.eval_text)["text"] if namespace.eval_text else None
     eval_ids = token_ids(args.model, None, vocab, namespace.eval_sequences, args.seq_len, args.seed + 2)
     quality = {}
     for path in [args.model, *reduced]:

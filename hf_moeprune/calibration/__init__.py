@@ -1,7 +1,7 @@
 """Calibration: reading user data (files, folders, Hub datasets), packing it into batches, and collecting
 per-layer routing statistics."""
 
-from .data import CalibrationData, prepare_calibration, read_text_file
+from .data import CalibrationData, prepare_calibration
 from .sources import read_calibration_source
 from .statistics import LayerStatistics, StatisticsCollector, collect_statistics, run_calibration
 
@@ -12,6 +12,5 @@ __all__ = [
     "collect_statistics",
     "prepare_calibration",
     "read_calibration_source",
-    "read_text_file",
     "run_calibration",
 ]

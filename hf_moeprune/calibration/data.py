@@ -145,28 +145,6 @@ def apply_chat_template(conversations: Any, tokenizer: Any) -> list[str]:
     return [tokenizer.apply_chat_template(conversation, tokenize=False) for conversation in conversations]
 
 
-def read_text_file(path: str | Path, field: str = "text") -> list[str]:
-    """Documents of a text file: `.txt` separated by blank lines, or `.jsonl` / `.jsonl.gz` with a `text` field.
-
-    Raises:
-        ValueError: naming the file and line of undecodable bytes, malformed JSON or a record without `field`.
-    """
-    file = Path(path)
-    text_lines = text_file_lines(file)
-    if file.name.endswith((".jsonl", ".jsonl.gz")):
-        documents = []
-        for number, record in json_lines(file, text_lines):
-            if not isinstance(record, dict) or field not in record:
-                found = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise ValueError(f"{file}, line {number}: no {field!r} field (found: {found}).")
-            if not isinstance(record[field], str):
-                raise ValueError(f"{file}, line {number}: the {field!r} field is not a string.")
-            documents.append(record[field])
-        return documents
-    text = "\n".join(text_lines)
-    return [block.strip() for block in text.split("\n\n") if block.strip()]
-
-
 def text_file_lines(file: Path) -> list[str]:
     """The lines of a (possibly gzipped) UTF-8 file.
 

@@ -32,7 +32,7 @@ def check_text_source(data: str | Path) -> Path:
 def load_text(data: str | Path):
     """The documents of `data` as a `datasets.Dataset` with a "text" column (and any others it has).
 
-    A `.txt` file gives one document per paragraph (blank-line separated); `.jsonl`, `.json`, `.csv` and
+    A `.txt` file gives one document per paragraph (blank-line separated, stripped); `.jsonl`, `.json`, `.csv` and
     `.parquet` need a "text" column (a "domain" or "topic" column splits the perplexity by its values); a
     folder is a dataset written by `save_to_disk`.
     """
@@ -47,6 +47,8 @@ def load_text(data: str | Path):
         reader = READERS[_format_suffix(path)]
         options = {"sample_by": "paragraph"} if reader == "text" else {}
         table = datasets.load_dataset(reader, data_files=str(path), split="train", **options)
+        if reader == "text":  # a paragraph after more than one blank line keeps the extra newlines
+            table = table.map(lambda row: {TEXT_COLUMN: row[TEXT_COLUMN].strip()})
     if TEXT_COLUMN not in table.column_names:
         raise ValueError(f"--data {path}: no {TEXT_COLUMN!r} column (columns: {', '.join(table.column_names)}).")
     table = table.filter(lambda row: bool(row[TEXT_COLUMN] and row[TEXT_COLUMN].strip()))
