@@ -127,20 +127,62 @@ def test_record_has_sequence_length_and_data_hash(tiny_tokenizer, sample_texts):
     assert prepare_calibration(torch.ones(3, 12, dtype=torch.long)).record()["seq_len"] == 12
 
 
-@pytest.mark.parametrize("name, content, words", [
-    ("empty.jsonl", b"", "empty"),
-    ("blank.txt", b"\n\n  \n", "empty"),
-    ("cal.docx", b"PK\x03\x04", "not a calibration file type"),
-    ("cal.csv", b"body\nsome text\n", "no 'text' column"),
-    ("bad.json", b"[{\"text\": \"a\"},", "datasets could not read it"),
-    ("nulls.jsonl", b'{"text": "ok"}\n\n{"text": null, "id": 2}\n', "line 3: no 'text' value"),
-])
-def test_bad_local_sources_name_the_file_and_the_problem(tmp_path, name, content, words):
+CHAT_ROW = b'{"messages": [{"role": "user", "content": "hi"}]}\n'
+BAD_SOURCES = [  # file name, bytes, keyword arguments, the error after "<path>"
+    ("empty.jsonl", b"", {}, ": the calibration set is empty (the file has no bytes)."),
+    ("blank.txt", b"\n\n  \n", {}, ": the calibration set is empty: every 'text' value is blank."),
+    ("cal.docx", b"PK\x03\x04", {}, ": not a calibration file type datasets can read; use one of .arrow, .csv, "
+                                    ".json, .jsonl, .md, .parquet, .text, .tsv, .txt."),
+    ("cal.csv", b"body\nsome text\n", {}, ": no 'text' column (columns: ['body']); choose one with text_column=NAME."),
+    ("chat.jsonl", CHAT_ROW, {}, ": no 'text' column (columns: ['messages']); chat data: pass chat_template=True, "
+                                 "or choose a column with text_column=NAME."),
+    ("bad.json", b'[{"text": "a"},', {}, ": datasets could not read it (ValueError: Expected object or value at "
+                                        "position 14)."),
+    ("nulls.jsonl", b'{"text": "ok"}\n\n{"text": null, "id": 2}\n', {}, ", line 3: no 'text' value (found: ['id'])."),
+    ("latin.txt", "first line\ncaf\u00e9 au lait\n".encode("latin-1"), {},
+     ", line 2: not UTF-8 text (byte 0xe9 at column 4); calibration text files must be UTF-8."),
+    ("latin.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', {},
+     ", line 2: not UTF-8 text (byte 0xe9 at column 14); calibration text files must be UTF-8."),
+    ("latin.jsonl.gz", gzip.compress(b'{"text": "ok"}\n{"text": "caf\xe9"}\n'), {},
+     ", line 2: not UTF-8 text (byte 0xe9 at column 14); calibration text files must be UTF-8."),
+    ("broken.jsonl", b'{"text": "ok"}\n\n{"text": "no end}\n', {},
+     ", line 3: malformed JSON (Unterminated string starting at, column 10)."),
+    ("lists.jsonl", b'{"text": "ok"}\n{"text": ["a", "b"]}\n', {},
+     ", line 2: holds a list, not text (chat messages? pass chat_template=True)."),
+    ("numbers.jsonl", b'{"text": "ok"}\n{"text": 7}\n', {}, ", line 2: holds int, not text."),
+    ("cal.tsv", b"text\tlabel\nhello\t1\n", {"split": "test"},
+     ": a single file has only the 'train' split, not 'test'; drop split=."),
+    ("lists.jsonl", b'{"text": ["a"]}\n', {"chat_template": True},
+     ": no 'messages' column (columns: ['text']); choose one with text_column=NAME."),
+    ("chat.jsonl", CHAT_ROW + b'{"messages": [{"role": "user"}]}\n', {"chat_template": True},
+     ", line 2: chat_template=True needs every message to be a {'role', 'content'} mapping."),
+    ("chat.jsonl", CHAT_ROW + b'{"messages": []}\n', {"chat_template": True},
+     ", line 2: chat_template=True needs a non-empty list of {'role', 'content'} messages per row."),
+    ("chat.jsonl", CHAT_ROW + b'{"messages": ["hi"]}\n', {"chat_template": True},
+     ", line 2: chat_template=True needs every message to be a {'role', 'content'} mapping."),
+]
+
+
+@pytest.mark.parametrize(("name", "content", "options", "error"), BAD_SOURCES)
+def test_bad_local_sources_name_the_file_the_line_and_the_problem(tmp_path, name, content, options, error):
     path = tmp_path / name
     path.write_bytes(content)
-    with pytest.raises(ValueError, match=words) as error:
-        read_calibration_source(path)
-    assert str(path) in str(error.value) and "\n" not in str(error.value)
+    with pytest.raises(ValueError) as raised:
+        read_calibration_source(path, **options)
+    assert str(raised.value) == f"{path}{error}"
+
+
+def test_rows_of_an_in_memory_dataset_are_named_by_number(tiny_tokenizer):
+    rows = Dataset.from_dict({"text": ["ok", "fine", None], "id": [1, 2, 3]})
+    with pytest.raises(ValueError) as raised:
+        prepare_calibration(rows, tiny_tokenizer)
+    assert str(raised.value) == "datasets.Dataset (3 rows), row 3: no 'text' value (found: ['id'])."
+
+
+def test_a_tsv_file_is_read_by_tabs(tmp_path):
+    path = tmp_path / "cal.tsv"
+    path.write_bytes(b"label\ttext\n1\thello, world\n")
+    assert read_calibration_source(path) == (["hello, world"], f"{path}, column 'text', 1 rows")
 
 
 def test_missing_paths_are_never_sent_to_the_hub(tmp_path):

@@ -105,7 +105,12 @@ def dataset_rows(
         raise ValueError(f"{where}: no {column!r} column (columns: {columns}); {hint} with text_column=NAME.")
     if num_samples is not None:
         dataset = dataset.select(range(min(num_samples, len(dataset))))
-    rows = list(dataset[column])
+    try:
+        rows = list(dataset[column])
+    except UnicodeDecodeError as error:  # pyarrow's JSON reader keeps bad bytes until a row is read
+        _explain_bad_bytes(where)
+        raise ValueError(f"{where}: the {column!r} column is not UTF-8 text ({error.reason}); "
+                         "calibration text must be UTF-8.") from None
     if not rows:
         raise ValueError(f"{where}: the calibration set is empty (no rows).")
     for number, value in enumerate(rows, start=1):
@@ -149,6 +154,17 @@ def _locate(where: str, number: int) -> str:
     return f"row {number}"
 
 
+def _explain_bad_bytes(name: str) -> None:
+    """Raise the line-numbered explanation of a text file's undecodable bytes or malformed JSON, if it has any."""
+    from .data import json_lines, text_file_lines
+
+    path = Path(name).expanduser()
+    if path.is_file() and path.name.endswith(TEXT_SUFFIXES):
+        lines = text_file_lines(path)
+        if path.name.endswith(JSON_LINES_SUFFIXES):
+            json_lines(path, lines)
+
+
 def _load_file(path: Path, split: str | None) -> Any:
     import datasets
 
@@ -174,19 +190,13 @@ def _load(name: str, load: Any) -> Any:
     """Run a `datasets` loader; its failure becomes one line naming `name` (and the bad line of a text file)."""
     import datasets
 
-    from .data import json_lines, text_file_lines
-
     logger = datasets.logging.get_logger("datasets")
     level = logger.level
     logger.setLevel(datasets.logging.CRITICAL)  # its own error log would repeat the one-line error raised below
     try:
         return load()
     except Exception as error:
-        path = Path(name).expanduser()
-        if path.is_file() and path.name.endswith(TEXT_SUFFIXES):
-            lines = text_file_lines(path)  # raises the line-numbered explanation of bad bytes
-            if path.name.endswith(JSON_LINES_SUFFIXES):
-                json_lines(path, lines)  # ... or of malformed JSON
+        _explain_bad_bytes(name)
         cause = error.__cause__ or error
         message = " ".join(str(cause).split()) or type(cause).__name__
         raise ValueError(f"{name}: datasets could not read it ({type(cause).__name__}: {message}).") from error
