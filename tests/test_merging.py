@@ -445,3 +445,21 @@ def test_similarities_and_features_follow_their_definitions():
     torch.testing.assert_close(standardised.double() @ standardised.double().T, correlation, **float32)
     torch.testing.assert_close(expert_features(stats, "expert-output"), routed_means.float())
     torch.testing.assert_close(expert_features(stats, "expert-output", all_token_means), all_token_means)
+
+
+def test_groups_short_of_k_split_the_least_similar_member_off_the_largest_group():
+    """Clusterers may return fewer groups than asked (identical experts). Ties between equal largest groups go to
+    the lowest anchor; ties between equally dissimilar members to the highest index."""
+    from hf_moeprune.methods.merging.clustering import _repair_to_k
+
+    sim = np.full((8, 8), 0.5)
+    np.fill_diagonal(sim, 1.0)
+    for (a, b), value in {(3, 1): 0.9, (3, 2): 0.2, (3, 5): 0.2, (1, 2): 0.0, (4, 0): 0.1}.items():
+        sim[a, b] = sim[b, a] = value
+    freq = np.array([0.1, 0.1, 0.1, 0.5, 0.6, 0.1, 0.1, 0.1])
+    groups = [[4, 0, 6, 7], [3, 1, 2, 5]]
+    assert _repair_to_k(groups, 3, sim, freq) == [[4, 0, 6, 7], [3, 1, 2], [5]]
+    assert _repair_to_k(groups, 4, sim, freq) == [[4, 6, 7], [3, 1, 2], [5], [0]]
+    assert groups == [[4, 0, 6, 7], [3, 1, 2, 5]]  # the caller's groups are left as they were
+    with pytest.raises(RuntimeError, match=r"^Clustering returned 2 groups, more than the 1 asked for\.$"):
+        _repair_to_k(groups, 1, sim, freq)
