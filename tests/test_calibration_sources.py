@@ -118,6 +118,24 @@ def test_chat_template_renders_the_messages_column(tmp_path, chat_tokenizer, tin
         read_calibration_source(strings, text_column="text", chat_template=True)
 
 
+def test_in_memory_chat_rows_are_refused_by_name(chat_tokenizer, tiny_tokenizer):
+    hello = [{"role": "user", "content": "hello"}]
+    refusals = [
+        ([hello], None, "chat_template=True needs a tokenizer: pass tokenizer=... (or load the model with one)."),
+        ([hello], tiny_tokenizer, "The tokenizer has no chat template, so chat_template=True cannot apply; "
+                                  "drop it or use an instruct model's tokenizer."),
+        ([], chat_tokenizer, "The calibration set is empty."),
+        ([hello, "hello"], chat_tokenizer, "Calibration row 2: chat_template=True needs a list of "
+                                           "{'role', 'content'} messages per row."),
+        ([hello, [hello[0], "hi"]], chat_tokenizer, "Calibration row 2: chat_template=True needs a list of "
+                                                    "{'role', 'content'} messages per row."),
+    ]
+    for rows, tokenizer, message in refusals:
+        with pytest.raises(ValueError) as raised:
+            prepare_calibration(rows, tokenizer, chat_template=True)
+        assert str(raised.value) == message
+
+
 def test_record_has_sequence_length_and_data_hash(tiny_tokenizer, sample_texts):
     first = prepare_calibration(sample_texts, tiny_tokenizer, seq_len=32).record()
     again = prepare_calibration(list(sample_texts), tiny_tokenizer, seq_len=32).record()
