@@ -109,7 +109,7 @@ def test_counts_that_cannot_split_evenly_are_refused(model, count, message):
 
 @pytest.mark.parametrize("method", ["frequency", "mc-smoe"])
 def test_non_uniform_counts_are_refused_naming_the_groups(model, method):
-    with pytest.raises(ValueError, match=r"n_group=2: experts 0-3, 4-7\); use uniform counts"):
+    with pytest.raises(ValueError, match=r"\(model\.layers\.1\.mlp, n_group=2: experts 0-3, 4-7\); use uniform counts"):
         _reduce(model, MoEPruneConfig(method=method, expert_sparsity=0.5, adaptive=True))
 
 
@@ -130,3 +130,26 @@ def test_naee_refusal_names_the_per_group_search(model):
     with pytest.raises(ValueError, match=r"NAEE would try C\(4, 2\)\^2 = 36 expert subsets"):
         model.prune_experts(MoEPruneConfig(method="naee", experts_per_layer=4, method_options={"max_subsets": 35}),
                             calibration=None)
+
+
+@pytest.mark.parametrize(("groups", "top_k", "config_top_k", "fewest"), [
+    (1, 2, None, 2), (1, 2, 1, 1), (2, 2, None, 4), (2, 5, None, 6), (2, 6, None, 6), (4, 2, None, 8), (2, 5, 3, 4),
+])
+def test_fewest_experts_is_the_top_k_and_two_per_routing_group(groups, top_k, config_top_k, fewest):
+    """Each routing group is scored by its top-2 experts and must hold its share of the top-k, rounded up."""
+    from types import SimpleNamespace
+
+    from hf_moeprune.methods.targets import fewest_experts
+
+    layer = SimpleNamespace(num_expert_groups=groups, top_k=top_k)
+    assert fewest_experts(layer, SimpleNamespace(top_k=config_top_k)) == fewest
+
+
+def test_a_total_below_the_group_floors_is_refused_with_the_floor(model):
+    with pytest.raises(ValueError) as raised:
+        model.prune_experts(MoEPruneConfig(method="stun", num_experts_total=6), calibration=None)
+    assert str(raised.value) == (
+        "Target of 6 experts in total cannot give every layer its top-k and 2 experts per routing group (8 needed); "
+        "lower top-k with MoEPruneConfig(top_k=...) or keep more experts."
+    )
+    assert [layer.num_experts for layer in model.moe_layers()] == [8, 8]
