@@ -72,8 +72,20 @@ def test_split_of_a_saved_dataset_dict(tmp_path, tiny_tokenizer, sample_texts):
     rows, description = read_calibration_source(tmp_path / "dd", split="validation")
     assert rows == sample_texts and "split validation" in description
     assert read_calibration_source(tmp_path / "dd")[0] == ["not this one"] * 3  # train by default
-    with pytest.raises(ValueError, match=r"no split 'test' \(splits: \['train', 'validation'\]\)"):
+    with pytest.raises(ValueError) as raised:
         read_calibration_source(tmp_path / "dd", split="test")
+    assert str(raised.value) == f"{tmp_path / 'dd'}: no split 'test' (splits: ['train', 'validation']); choose one with split=."
+
+
+@pytest.mark.parametrize(("splits", "read"), [(["validation"], "validation"), (["test", "train"], "train"), (["a", "b"], None)])
+def test_a_saved_dataset_dict_without_split_reads_train_or_its_only_split(tmp_path, splits, read):
+    DatasetDict({name: Dataset.from_dict({"text": [f"row of {name}"]}) for name in splits}).save_to_disk(str(tmp_path / "dd"))
+    if read is None:
+        with pytest.raises(ValueError) as raised:
+            read_calibration_source(tmp_path / "dd")
+        assert str(raised.value) == f"{tmp_path / 'dd'}: no split 'train' (splits: ['a', 'b']); choose one with split=."
+    else:
+        assert read_calibration_source(tmp_path / "dd")[0] == [f"row of {read}"]
 
 
 def test_text_column_and_num_samples(tmp_path, tiny_tokenizer, sample_texts):
@@ -204,9 +216,13 @@ def test_a_tsv_file_is_read_by_tabs(tmp_path):
 
 
 def test_missing_paths_are_never_sent_to_the_hub(tmp_path):
-    for name in (str(tmp_path / "gone.jsonl"), "cal.parquet", "./data", "a/b/c"):
-        with pytest.raises(ValueError, match="names no file or folder"):
+    for name in (str(tmp_path / "gone.jsonl"), "cal.parquet", "./data", "a/b/c", "owner/cal.jsonl.gz"):
+        with pytest.raises(ValueError) as raised:
             read_calibration_source(name)
+        assert str(raised.value) == (
+            f"calibration={name!r} names no file or folder; pass an existing data file (.arrow, .csv, .json, .jsonl, "
+            ".md, .parquet, .text, .tsv, .txt), a folder, a saved dataset or a Hub dataset id."
+        )
 
 
 def test_cli_reads_a_hub_dataset_from_the_local_hub(local_hub, tmp_path, monkeypatch, tiny_tokenizer, sample_texts):
