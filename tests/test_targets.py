@@ -45,10 +45,19 @@ def test_targets_that_remove_nothing_or_too_much_are_refused_by_name():
     )
 
 
-def test_a_layer_may_keep_exactly_its_top_k_or_the_model_top_k():
-    model = _model(top_k=1)
-    model.prune_experts(MoEPruneConfig(method="frequency", experts_per_layer=1), calibration=CALIB)
-    assert [(layer.num_experts, layer.top_k) for layer in model.moe_layers()] == [(1, 1), (1, 1)]
+def test_a_layer_may_keep_exactly_its_top_k_or_the_model_top_k(caplog):
+    for top_k, config_top_k in ((1, None), (2, 1)):  # the router's top-k, or a lowered one
+        model = _model(top_k=top_k)
+        config = MoEPruneConfig(method="frequency", experts_per_layer=1, top_k=config_top_k)
+        with caplog.at_level("WARNING", logger="hf_moeprune"):
+            model.prune_experts(config, calibration=CALIB)
+        assert [(layer.num_experts, layer.top_k) for layer in model.moe_layers()] == [(1, 1), (1, 1)]
+        assert (
+            "2 layer(s) keep exactly their top-k experts, so their router no longer chooses which experts run "
+            "(every token uses all of them): model.layers.0.mlp, model.layers.1.mlp. Keep more experts, or lower "
+            "top-k with MoEPruneConfig(top_k=...), if the router should still choose."
+        ) in caplog.messages
+        caplog.clear()
     model = _model(top_k=2)
     model.prune_experts(MoEPruneConfig(method="frequency", experts_per_layer=3, top_k=2), calibration=CALIB)
     assert [(layer.num_experts, layer.top_k) for layer in model.moe_layers()] == [(3, 2), (3, 2)]
