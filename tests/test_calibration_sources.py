@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import gzip
+import hashlib
 import json
 import subprocess
 import sys
@@ -154,7 +155,29 @@ def test_record_has_sequence_length_and_data_hash(tiny_tokenizer, sample_texts):
     other = prepare_calibration(sample_texts[1:], tiny_tokenizer, seq_len=32).record()
     assert first["seq_len"] == 32 and len(first["token_sha256"]) == 64
     assert first == again and other["token_sha256"] != first["token_sha256"]
-    assert prepare_calibration(torch.ones(3, 12, dtype=torch.long)).record()["seq_len"] == 12
+    ones = torch.ones(3, 12, dtype=torch.int32)
+    assert prepare_calibration(ones).record() == {
+        "description": "token tensor of shape (3, 12)", "num_sequences": 3, "num_tokens": 36, "seq_len": 12,
+        "token_sha256": hashlib.sha256(ones.long().numpy().tobytes()).hexdigest(),
+    }
+
+
+def test_token_tensors_are_checked_then_packed():
+    rows = [torch.arange(0, 10), torch.arange(10, 16, dtype=torch.int32)]
+    data = prepare_calibration(rows, seq_len=4, batch_size=3, vocab_size=16)
+    assert [b.tolist() for b in data.batches] == [torch.arange(12).view(3, 4).tolist(), [[12, 13, 14, 15]]]
+    assert data.description == "2 token tensors" and data.batches[1].dtype == torch.long
+    refusals = [
+        ([torch.arange(4), torch.ones(4)], "Calibration token ids must be an integer tensor, got dtype torch.float32."),
+        ([torch.arange(4), torch.tensor([True])], "Calibration token ids must be an integer tensor, got dtype torch.bool."),
+        ([torch.arange(4), torch.tensor([3, -1])], "Calibration token ids must be >= 0, found -1."),
+        ([torch.arange(4), torch.tensor([16])], "Calibration token id 16 is outside the model's vocabulary of 16 tokens."),
+        (torch.tensor([[0, 16]]), "Calibration token id 16 is outside the model's vocabulary of 16 tokens."),
+    ]
+    for calibration, message in refusals:
+        with pytest.raises(ValueError) as raised:
+            prepare_calibration(calibration, seq_len=4, vocab_size=16)
+        assert str(raised.value) == message
 
 
 CHAT_ROW = b'{"messages": [{"role": "user", "content": "hi"}]}\n'

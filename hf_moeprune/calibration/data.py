@@ -236,5 +236,6 @@ def _describe(calibration: Any) -> str:
         name = getattr(getattr(calibration, "info", None), "dataset_name", None) or "datasets.Dataset"
         return f"{name} ({len(calibration)} rows)"
     if isinstance(calibration, (list, tuple)):
-        return f"{len(calibration)} user-supplied texts"
+        tensors = calibration and all(isinstance(item, torch.Tensor) for item in calibration)
+        return f"{len(calibration)} {'token tensors' if tensors else 'user-supplied texts'}"
     return type(calibration).__name__
