@@ -222,3 +222,66 @@ def test_sequential_pipeline_matches_full_forward():
     for batch, hidden in zip(batches, inputs.hidden, strict=True):
         expected = model(input_ids=batch, output_hidden_states=True, use_cache=False).hidden_states[-1]
         assert torch.equal(model.model.norm(hidden), expected)  # the same operations: bit-identical
+
+
+def test_owl_outlier_ratio_is_the_share_of_scores_above_m_times_their_mean():
+    from torch import nn
+
+    from hf_moeprune.methods.unstructured.prune import _Observed, _outlier_ratio, _Targets
+
+    generator = torch.Generator().manual_seed(0)
+    first, second = nn.Linear(8, 4, bias=False), nn.Linear(6, 3, bias=False)
+    squares = {"a": torch.rand(8, generator=generator) * 0.5, "b": torch.rand(6, generator=generator) * 0.5}
+    targets = _Targets(moe=[], routers=[], linears={"a": first, "b": second})
+    scores = torch.cat([(first.weight.abs() * squares["a"].sqrt()).flatten(),
+                        (second.weight.abs() * squares["b"].sqrt()).flatten()])
+    for m in (0.5, 1.0, 2.0):
+        ratio, count = _outlier_ratio(targets, _Observed({}, squares), m)
+        assert count == 50 and ratio == pytest.approx(float((scores > m * scores.mean()).double().mean()), abs=1e-12)
+    assert _outlier_ratio(_Targets([], [], {}), _Observed({}, {}), 3.0) == (0.0, 0)
+
+
+def test_owl_sparsities_stay_in_zero_to_the_default_cap():
+    """The authors' rule clamps into [0, 0.99]; size-weighted re-solves the shift so the average still holds."""
+    assert owl_layer_sparsities([0.0, 1.0], 0.95, lam=0.2) == pytest.approx([0.99, 0.75])
+    assert owl_layer_sparsities([0.0, 1.0], 0.05, lam=0.08) == pytest.approx([0.13, 0.0])
+    assert owl_layer_sparsities([0.0, 1.0], 0.05, lam=0.08, sizes=[1, 1]) == pytest.approx([0.10, 0.0])
+
+
+def test_one_weight_per_row_is_pruned_when_the_share_rounds_to_one():
+    score = torch.tensor([[4.0, 1.0, 3.0, 2.0], [0.5, 2.0, 1.0, 3.0]])
+    expected = torch.tensor([[False, True, False, False], [True, False, False, False]])
+    assert torch.equal(row_prune_mask(score, 0.25, in_axis=1), expected)
+    assert not row_prune_mask(score, 0.1, in_axis=1).any()
+
+
+def test_method_options_reach_the_unstructured_options():
+    from hf_moeprune.methods.stun import STUNOptions
+    from hf_moeprune.methods.unstructured import options_from_config
+    from hf_moeprune.methods.wanda import WandaOptions
+
+    config = MoEPruneConfig(method="stun", experts_per_layer=4, weight_sparsity=0.4)
+    options = STUNOptions(owl_m=5.0, owl_lambda=0.1, owl_balance="size_weighted", sequential=False)
+    result = options_from_config(config, "owl", options)
+    assert (result.sparsity, result.algorithm, result.targets) == (0.4, "owl", ("all_linear",))
+    assert (result.owl_m, result.owl_lambda, result.owl_balance, result.sequential) == (5.0, 0.1, "size_weighted", False)
+    plain = options_from_config(MoEPruneConfig(method="wanda", nm_pattern=(2, 4)), "wanda", WandaOptions())
+    defaults = UnstructuredOptions(0.0)
+    assert (plain.sparsity, plain.nm, plain.owl_m, plain.owl_lambda, plain.owl_balance) == (
+        0.5, (2, 4), defaults.owl_m, defaults.owl_lambda, defaults.owl_balance)
+
+
+def test_a_module_filter_chooses_the_linears_by_module_and_full_name():
+    wrapped = _wrap("mixtral")
+    seen = []
+
+    def only_q_proj(module, fqn):
+        seen.append((type(module).__name__, fqn))
+        return fqn.endswith("self_attn.q_proj")
+
+    before = {name: p.detach().clone() for name, p in wrapped.model.named_parameters()}
+    wanda_prune_(wrapped.model, [CALIB], 0.5, targets=("attention",), moe_layers=wrapped.moe_layers(),
+                 module_filter=only_q_proj)
+    changed = {name for name, p in wrapped.model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed == {f"model.layers.{i}.self_attn.q_proj.weight" for i in range(2)}
+    assert ("Linear", "model.layers.0.self_attn.k_proj") in seen and all(t == "Linear" for t, _ in seen)
