@@ -285,3 +285,25 @@ def test_a_module_filter_chooses_the_linears_by_module_and_full_name():
     changed = {name for name, p in wrapped.model.named_parameters() if not torch.equal(p, before[name])}
     assert changed == {f"model.layers.{i}.self_attn.q_proj.weight" for i in range(2)}
     assert ("Linear", "model.layers.0.self_attn.k_proj") in seen and all(t == "Linear" for t, _ in seen)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "switch_transformers", "gpt_oss", "deepseek_v3"])
+def test_every_linear_outside_the_experts_and_routers_is_pruned_to_the_sparsity(family):
+    """`attention` + `dense_mlp` reach every non-expert linear of each layer (a shared expert after the routed ones
+    included), at exactly the asked share of every row, and leave the experts and routers dense."""
+    from torch import nn
+
+    wrapped = _wrap(family)
+    layers = wrapped.moe_layers()
+    skipped = tuple(p for layer in layers for p in (layer.experts_path, layer.router_path))
+    before = {name: p.detach().clone() for name, p in wrapped.model.named_parameters()}
+    wanda_prune_(wrapped.model, [CALIB], 0.5, targets=("attention", "dense_mlp"), moe_layers=layers)
+    pruned = [name for name, module in wrapped.model.named_modules()
+              if isinstance(module, nn.Linear) and name != "lm_head" and not name.startswith(skipped)]
+    assert pruned
+    for name in pruned:
+        weight = wrapped.model.get_submodule(name).weight
+        assert float((weight == 0).double().mean()) == 0.5, name
+    for name, p in wrapped.model.named_parameters():
+        if name.startswith(skipped):
+            assert torch.equal(p, before[name]), name
