@@ -307,3 +307,72 @@ def test_every_linear_outside_the_experts_and_routers_is_pruned_to_the_sparsity(
     for name, p in wrapped.model.named_parameters():
         if name.startswith(skipped):
             assert torch.equal(p, before[name]), name
+
+
+def _expert_zero_share(layer) -> tuple[int, int]:
+    tensors = [t for spec in layer.expert_tensor_specs() if spec.in_axis is not None
+               for t in [layer.expert_tensors()[spec.name]]]
+    return sum(int((t == 0).sum()) for t in tensors), sum(t.numel() for t in tensors)
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_owl_size_weighted_holds_the_share_of_zeros_over_layers_of_different_sizes(sequential):
+    """After a non-uniform reduction (6 and 3 experts) `size_weighted` zeroes the target share of all expert
+    weights, where the authors' plain mean would not; one-shot (`sequential=False`) reads one sweep."""
+    from hf_moeprune import LayerPlan, ReductionPlan
+
+    wrapped = _wrap("mixtral")
+    layers = wrapped.moe_layers()
+    wrapped.apply_plan(ReductionPlan({layers[1].path: LayerPlan.keep([0, 2, 4])}))
+    report = owl_prune_(wrapped.model, [CALIB], 0.5, moe_layers=layers, owl_balance="size_weighted",
+                        owl_lambda=0.2, sequential=sequential)
+    sizes = {layer.path.rsplit(".", 1)[0]: _expert_zero_share(layer)[1] for layer in layers}
+    requested = report.layer_sparsity
+    assert set(requested) == set(sizes) and len(set(requested.values())) == 2
+    weighted = sum(requested[p] * sizes[p] for p in sizes) / sum(sizes.values())
+    assert weighted == pytest.approx(0.5, abs=1e-9)
+    zeros, total = map(sum, zip(*(_expert_zero_share(layer) for layer in layers), strict=True))
+    assert zeros / total == pytest.approx(0.5, abs=0.01)
+    assert report.details() == {
+        "layer_sparsity": {p: round(v, 5) for p, v in requested.items()},
+        "outlier_ratios": {p: round(v, 6) for p, v in report.outlier_ratios.items()},
+        "mean_weight_sparsity": round(sum(report.weight_sparsity.values()) / len(report.weight_sparsity), 5),
+    }
+
+
+def test_owl_leaves_layers_without_targets_out_of_the_balance():
+    """DeepSeek-V3's first layer is dense: with `experts` targets it has nothing to prune and no outlier share."""
+    wrapped = _wrap("deepseek_v3")
+    layers = wrapped.moe_layers()
+    report = owl_prune_(wrapped.model, [CALIB], 0.5, moe_layers=layers)
+    assert set(report.outlier_ratios) == set(report.layer_sparsity) == {layer.path.rsplit(".", 1)[0] for layer in layers}
+    assert sum(report.layer_sparsity.values()) / len(layers) == pytest.approx(0.5)
+
+
+def test_wanda_report_details_and_option_refusals():
+    wrapped = _wrap("mixtral")
+    report = wanda_prune_(wrapped.model, [CALIB], 0.5, moe_layers=wrapped.moe_layers())
+    assert report.details() == {"layer_sparsity": {"model.layers.0": 0.5, "model.layers.1": 0.5},
+                                "mean_weight_sparsity": 0.5}
+    assert UnstructuredOptions(0.0).sparsity == 0.0
+    for kwargs, message in [
+        ({"sparsity": 1.0}, "sparsity must be in [0, 1), got 1.0."),
+        ({"sparsity": -0.1}, "sparsity must be in [0, 1), got -0.1."),
+        ({"sparsity": 0.5, "algorithm": "sparsegpt"}, "Unknown unstructured algorithm 'sparsegpt': use 'wanda' or 'owl'."),
+        ({"sparsity": 0.5, "algorithm": "owl", "nm": (2, 4)},
+         "N:M patterns fix the sparsity of every group; use algorithm='wanda' with nm."),
+    ]:
+        with pytest.raises(ValueError) as raised:
+            UnstructuredOptions(**kwargs)
+        assert str(raised.value) == message
+
+
+def test_dense_mlp_targets_the_shared_expert_and_not_the_attention():
+    from torch import nn
+
+    wrapped = _wrap("qwen2_moe")
+    before = {name: p.detach().clone() for name, p in wrapped.model.named_parameters()}
+    wanda_prune_(wrapped.model, [CALIB], 0.5, targets=("dense_mlp",), moe_layers=wrapped.moe_layers())
+    changed = {name.rsplit(".", 1)[0] for name, p in wrapped.model.named_parameters() if not torch.equal(p, before[name])}
+    linears = {name for name, m in wrapped.model.named_modules() if isinstance(m, nn.Linear) and name != "lm_head"}
+    assert changed == {name for name in linears if ".mlp.shared_expert" in name} and changed
