@@ -153,3 +153,20 @@ def test_a_total_below_the_group_floors_is_refused_with_the_floor(model):
         "lower top-k with MoEPruneConfig(top_k=...) or keep more experts."
     )
     assert [layer.num_experts for layer in model.moe_layers()] == [8, 8]
+
+
+@pytest.mark.parametrize(("groups", "message"), [
+    ([[0, 4], [1], [2], [3], [5], [6], [7]], "merged experts [[0, 4]] span several expert groups (n_group=2, 4 experts "
+                                             "each); merge only within a group."),
+    ([[4], [5], [0], [1]], "the plan reorders experts across groups (n_group=2); list new experts in group order."),
+    ([[0], [1], [4], [5], [6], [7]], "group-limited routing (n_group=2) needs the same number of experts in every "
+                                     "group, the plan keeps group 0: 2, group 1: 4; keep a multiple of 2 experts "
+                                     "spread evenly over the groups."),
+    ([[0, 1, 2, 3], [4, 5, 6, 7]], "group-limited routing scores each group by its top-2 experts; keep at least 2 "
+                                   "experts per group (4 in this layer)."),
+])
+def test_group_limited_plan_refusals_name_the_layer_and_the_groups(model, groups, message):
+    with pytest.raises(ValueError) as raised:
+        model.apply_plan(_plan(model, groups))
+    assert str(raised.value) == f"model.layers.1.mlp: {message}"
+    assert [layer.num_experts for layer in model.moe_layers()] == [8, 8]
