@@ -144,3 +144,13 @@ def test_a_plan_top_k_lets_a_layer_keep_fewer_experts_than_the_router_picked():
     apply_plan(layers, ReductionPlan({layer.path: LayerPlan.keep([4]) for layer in layers}, top_k=1))
     assert [(layer.num_experts, layer.top_k) for layer in layers] == [(1, 1), (1, 1)]
     assert logits_of(model, torch.randint(4, VOCAB, (1, 8))).isfinite().all()
+
+
+def test_a_plan_of_only_merged_groups_averages_every_group():
+    model = build_tiny_model("mixtral")
+    layer = find_moe_layers(model, registered_families()["mixtral"])[0]
+    experts = {k: v.detach().clone() for k, v in layer.expert_tensors().items()}
+    groups = [[0, 1], [2, 3], [4, 5]]
+    apply_plan([layer], ReductionPlan({layer.path: LayerPlan(groups=groups)}))
+    for name, before in experts.items():
+        torch.testing.assert_close(layer.expert_tensors()[name], torch.stack([before[g].mean(0) for g in groups]))
