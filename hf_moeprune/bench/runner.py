@@ -51,15 +51,21 @@ def set_threads(threads: int) -> int:
     return threads
 
 
+def text_token_ids(model_path: str, text_file: str) -> torch.Tensor:
+    """The documents of `text_file` (see `evaluate.text.load_text`), joined by blank lines, as one row of the
+    checkpoint tokenizer's ids."""
+    from transformers import AutoTokenizer
+
+    from ..evaluate.text import load_text
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    return tokenizer("\n\n".join(load_text(text_file)["text"]), return_tensors="pt").input_ids[0]
+
+
 def make_inputs(args: BenchArgs, model_path: str, vocab_size: int) -> torch.Tensor:
     """The global batch [batch_size, seq_len], identical on every process."""
     if args.text:
-        from transformers import AutoTokenizer
-
-        from ..evaluate.text import load_text
-
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-        ids = tokenizer("\n\n".join(load_text(args.text)["text"]), return_tensors="pt").input_ids[0]
+        ids = text_token_ids(model_path, args.text)
         need = args.batch_size * args.seq_len
         if ids.numel() < need:
             ids = ids.repeat(need // ids.numel() + 1)

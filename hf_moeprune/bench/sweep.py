@@ -27,16 +27,14 @@ from ..evaluate.text import load_text
 from .cli import add_bench_arguments, bench_args_from, spawn_launches, write_json
 from .plot import optional_plot, plot_benchmark, plot_sweep
 from .report import summary_table
+from .runner import text_token_ids
 
 
 def token_ids(model_path: str, text_file: str | None, vocab_size: int, count: int, seq_len: int, seed: int):
     """`[count, seq_len]` token ids from a text file through the checkpoint's tokenizer, or random ids when no
     file is given (speed-only sweeps and tests; the perplexity of random ids only ranks the models)."""
     if text_file:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-        ids = tokenizer("\n\n".join(load_text(text_file)["text"]), return_tensors="pt").input_ids[0]
+        ids = text_token_ids(model_path, text_file)
         usable = (ids.numel() // seq_len) * seq_len
         if usable == 0:
             raise ValueError(f"{text_file} holds fewer than {seq_len} tokens")
