@@ -142,7 +142,7 @@ CLI_CASES = [
                                                                                           "no chat template"]),
     ("num-samples-zero", ["prune", "--experts-per-layer", "3", "--num-samples", "0"], 2, ["--num-samples"]),
     ("unknown-calibration-type", ["prune", "--experts-per-layer", "3", "--calibration", "{ws}/cal.docx"], 2,
-     ["cal.docx", "not a calibration file type"]),
+     ["cal.docx", "not a data file type"]),
     ("calibration-names-nothing", ["prune", "--experts-per-layer", "3", "--calibration", "./no/such/data"], 2,
      ["--calibration", "names no file or folder"]),
     ("missing-local-model", ["prune", "--experts-per-layer", "3", "--model", "{ws}/missing-model"], 2,

@@ -182,9 +182,9 @@ def test_token_tensors_are_checked_then_packed():
 
 CHAT_ROW = b'{"messages": [{"role": "user", "content": "hi"}]}\n'
 BAD_SOURCES = [  # file name, bytes, keyword arguments, the error after "<path>"
-    ("empty.jsonl", b"", {}, ": the calibration set is empty (the file has no bytes)."),
+    ("empty.jsonl", b"", {}, ": the file is empty (it has no bytes)."),
     ("blank.txt", b"\n\n  \n", {}, ": the calibration set is empty: every 'text' value is blank."),
-    ("cal.docx", b"PK\x03\x04", {}, ": not a calibration file type datasets can read; use one of .arrow, .csv, "
+    ("cal.docx", b"PK\x03\x04", {}, ": not a data file type datasets can read; use one of .arrow, .csv, "
                                     ".json, .jsonl, .md, .parquet, .text, .tsv, .txt."),
     ("cal.csv", b"body\nsome text\n", {}, ": no 'text' column (columns: ['body']); choose one with text_column=NAME."),
     ("chat.jsonl", CHAT_ROW, {}, ": no 'text' column (columns: ['messages']); chat data: pass chat_template=True, "

@@ -315,9 +315,12 @@ def test_own_text_is_read_by_paragraph_by_column_from_gzip_and_from_a_saved_data
 
     from hf_moeprune.evaluate import load_text
 
+    from hf_moeprune.calibration import read_calibration_source
+
     text_file = tmp_path / "notes.txt"
     text_file.write_text("First paragraph,\nstill the first.\n\n\n\nSecond one.")
     assert list(load_text(text_file)["text"]) == ["First paragraph,\nstill the first.", "Second one."]
+    assert read_calibration_source(text_file)[0] == ["First paragraph,\nstill the first.", "Second one."]
     rows = [{"text": "kept", "domain": "a"}, {"text": "  ", "domain": "b"}, {"text": "also kept", "domain": "c"}]
     with gzip.open(tmp_path / "docs.JSONL.gz", "wt") as handle:
         handle.write("".join(json.dumps(row) + "\n" for row in rows))
@@ -341,12 +344,15 @@ def test_saved_results_write_nan_as_null_into_new_folders(tmp_path):
 def test_data_sources_are_checked_by_kind_before_loading(tmp_path):
     from hf_moeprune.evaluate.text import check_text_source
 
-    for name in ("notes.TXT", "docs.jsonl.gz", "table.Parquet"):
+    for name in ("notes.TXT", "docs.jsonl.gz", "table.Parquet", "notes.md.bz2", "table.tsv.xz", "rows.arrow"):
         (tmp_path / name).write_text("x")
         assert check_text_source(tmp_path / name) == tmp_path / name
-    (tmp_path / "notes.md.gz").write_text("x")
-    with pytest.raises(ValueError, match=r"notes.md.gz: unknown format; give one of .txt, .jsonl, .json, .csv, "):
-        check_text_source(tmp_path / "notes.md.gz")
+    (tmp_path / "notes.docx.gz").write_text("x")
+    with pytest.raises(ValueError) as refused:
+        check_text_source(tmp_path / "notes.docx.gz")
+    assert str(refused.value) == (f"--data {tmp_path / 'notes.docx.gz'}: unknown format; give one of .arrow, .csv, "
+                                  ".json, .jsonl, .md, .parquet, .text, .tsv, .txt (optionally compressed) or a "
+                                  "save_to_disk folder.")
     (tmp_path / "folder").mkdir()
     with pytest.raises(ValueError, match="folder: a folder must be a dataset saved with `save_to_disk`"):
         check_text_source(tmp_path / "folder")

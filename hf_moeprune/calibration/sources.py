@@ -76,7 +76,7 @@ def load_calibration_dataset(source: str | os.PathLike, *, split: str | None = N
     name = str(source)
     path = Path(name).expanduser()
     if path.is_file():
-        return _load_file(path, split), name
+        return load_data_file(path, split), name
     if path.is_dir():
         if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
             return _pick_split(_load(name, lambda: datasets.load_from_disk(str(path))), split, name), name
@@ -165,25 +165,43 @@ def _explain_bad_bytes(name: str) -> None:
             json_lines(path, lines)
 
 
-def _load_file(path: Path, split: str | None) -> Any:
+def data_file_loader(path: str | os.PathLike) -> str | None:
+    """The `datasets` loader for a data file, judged by its suffix looking through compression; None if unknown."""
+    return DATA_FILE_LOADERS.get(_format_suffix(path))
+
+
+def _format_suffix(path: str | os.PathLike) -> str:
+    """`.jsonl` for `docs.jsonl.gz`: the suffix that names the format, lower-cased, behind any compression suffix."""
+    name = Path(path).name.lower()
+    stem = name[: -len(Path(name).suffix)] if name.endswith(COMPRESSION_SUFFIXES) else name
+    return Path(stem).suffix
+
+
+def load_data_file(path: Path, split: str | None = None) -> Any:
+    """A local data file as a `datasets.Dataset`, one row per line or record (per paragraph, stripped, for text).
+
+    Raises:
+        ValueError: an unknown file type, an empty file, a split other than `train`, or a file `datasets` cannot read.
+    """
     import datasets
 
-    stem = path.name[: -len(path.suffix)] if path.name.endswith(COMPRESSION_SUFFIXES) else path.name
-    loader = DATA_FILE_LOADERS.get(Path(stem).suffix.lower())
+    loader = data_file_loader(path)
     if loader is None:
         raise ValueError(
-            f"{path}: not a calibration file type datasets can read; use one of "
-            f"{', '.join(sorted(DATA_FILE_LOADERS))}."
+            f"{path}: not a data file type datasets can read; use one of {', '.join(sorted(DATA_FILE_LOADERS))}."
         )
     if path.stat().st_size == 0:
-        raise ValueError(f"{path}: the calibration set is empty (the file has no bytes).")
-    options: dict[str, Any] = {"sample_by": "paragraph"} if loader == "text" else {}
-    if stem.lower().endswith(".tsv"):
-        options["delimiter"] = "\t"
+        raise ValueError(f"{path}: the file is empty (it has no bytes).")
     if split not in (None, DEFAULT_SPLIT):
         raise ValueError(f"{path}: a single file has only the {DEFAULT_SPLIT!r} split, not {split!r}; drop split=.")
+    options: dict[str, Any] = {"sample_by": "paragraph"} if loader == "text" else {}
+    if _format_suffix(path) == ".tsv":
+        options["delimiter"] = "\t"
     files = str(path)
-    return _load(files, lambda: datasets.load_dataset(loader, data_files=files, split=DEFAULT_SPLIT, **options))
+    table = _load(files, lambda: datasets.load_dataset(loader, data_files=files, split=DEFAULT_SPLIT, **options))
+    if loader == "text":  # a paragraph after more than one blank line keeps the extra newlines
+        table = table.map(lambda row: {DEFAULT_TEXT_COLUMN: row[DEFAULT_TEXT_COLUMN].strip()})
+    return table
 
 
 def _load(name: str, load: Any) -> Any:
@@ -219,5 +237,4 @@ def _could_be_hub_id(name: str) -> bool:
     """A Hub id is `name` or `owner/name` without a data-file suffix; anything else can only be a local path."""
     from ..records import looks_like_hub_repo_id
 
-    stem = name[: -len(Path(name).suffix)] if name.endswith(COMPRESSION_SUFFIXES) else name
-    return Path(stem).suffix.lower() not in DATA_FILE_LOADERS and looks_like_hub_repo_id(name)
+    return data_file_loader(name) is None and looks_like_hub_repo_id(name)

@@ -25,8 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data",
         default=None,
-        help="Score the perplexity of your own text: .txt (blank-line separated documents), .jsonl, .json, "
-        ".csv or .parquet with a 'text' column, or a save_to_disk folder (task 'ppl_data').",
+        help="Score the perplexity of your own text: .txt/.md (blank-line separated documents), or .jsonl, .json, "
+        ".csv, .tsv, .parquet or .arrow with a 'text' column, optionally compressed (.gz, .bz2, .xz, .zst), or a "
+        "save_to_disk folder (task 'ppl_data').",
     )
     parser.add_argument(
         "--compare", default=None, metavar="BASE", help="Also evaluate this model folder and show both side by side."

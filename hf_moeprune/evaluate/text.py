@@ -1,17 +1,16 @@
-"""The user's own text for perplexity (`hf-moeprune eval --data FILE`), read by `datasets` from local files."""
+"""The user's own text for perplexity (`hf-moeprune eval --data FILE`), read by `datasets` from local files.
+
+Files are read exactly as calibration files are (`calibration.sources.load_data_file`), so a file that calibrates
+a model also evaluates it.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-READERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+from ..calibration.sources import DATA_FILE_LOADERS, data_file_loader, load_data_file
+
 TEXT_COLUMN = "text"
-
-
-def _format_suffix(path: Path) -> str:
-    """The suffix that names the file's format, looking through a `.gz`."""
-    suffix = path.suffix.lower()
-    return Path(path.stem).suffix.lower() if suffix == ".gz" else suffix
 
 
 def check_text_source(data: str | Path) -> Path:
@@ -23,9 +22,10 @@ def check_text_source(data: str | Path) -> Path:
         return path
     if not path.is_file():
         raise FileNotFoundError(f"--data {path}: no such file.")
-    suffix = _format_suffix(path)
-    if suffix not in READERS:
-        raise ValueError(f"--data {path}: unknown format; give one of {', '.join(READERS)} or a save_to_disk folder.")
+    if data_file_loader(path) is None:
+        formats = ", ".join(sorted(DATA_FILE_LOADERS))
+        raise ValueError(f"--data {path}: unknown format; give one of {formats} (optionally compressed) or a "
+                         "save_to_disk folder.")
     return path
 
 
@@ -34,7 +34,7 @@ def load_text(data: str | Path):
 
     A `.txt` file gives one document per paragraph (blank-line separated, stripped); `.jsonl`, `.json`, `.csv` and
     `.parquet` need a "text" column (a "domain" or "topic" column splits the perplexity by its values); a
-    folder is a dataset written by `save_to_disk`.
+    folder is a dataset written by `save_to_disk` (of a `DatasetDict`, its first split).
     """
     import datasets
 
@@ -44,11 +44,7 @@ def load_text(data: str | Path):
         if isinstance(table, datasets.DatasetDict):
             table = table[next(iter(table))]
     else:
-        reader = READERS[_format_suffix(path)]
-        options = {"sample_by": "paragraph"} if reader == "text" else {}
-        table = datasets.load_dataset(reader, data_files=str(path), split="train", **options)
-        if reader == "text":  # a paragraph after more than one blank line keeps the extra newlines
-            table = table.map(lambda row: {TEXT_COLUMN: row[TEXT_COLUMN].strip()})
+        table = load_data_file(path)
     if TEXT_COLUMN not in table.column_names:
         raise ValueError(f"--data {path}: no {TEXT_COLUMN!r} column (columns: {', '.join(table.column_names)}).")
     table = table.filter(lambda row: bool(row[TEXT_COLUMN] and row[TEXT_COLUMN].strip()))
