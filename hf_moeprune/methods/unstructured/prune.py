@@ -137,9 +137,10 @@ def _linear_kind(relative: str) -> str:
 def _group_targets(
     root: nn.Module, root_path: str, moe_layers: Sequence[MoELayer], options: UnstructuredOptions
 ) -> _Targets:
-    """Targets inside module `root` (at `root_path`): its MoE layers' experts and the chosen linears."""
+    """Targets inside module `root` (at `root_path`): the experts of `moe_layers` (the unit's own) and the chosen
+    linears."""
     prefix = f"{root_path}." if root_path else ""
-    moe = [layer for layer in moe_layers if layer.path.startswith(prefix) or layer.path == root_path]
+    moe = list(moe_layers)
     skip = [layer.experts_path for layer in moe] + [layer.router_path for layer in moe]
     linears: dict[str, nn.Linear] = {}
     for name, module in root.named_modules():
