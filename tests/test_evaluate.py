@@ -411,3 +411,26 @@ def test_result_table_leaves_a_missing_count_blank_and_writes_1e5_in_exponent_fo
         "ppl   perplexity     1.000e+05 ± 2",
         "copa  acc         8  0.5",
     ]
+
+
+@needs_task_data
+def test_every_multiple_choice_task_builds_its_prompts_offline():
+    """Each task YAML loads from the shipped data and gives lm-eval a prompt, its choices and a gold index among
+    them; COPA and HellaSwag use lm-eval's own prompt functions (checked on their first document)."""
+    from hf_moeprune.evaluate.harness import task_manager
+
+    names = [name for name in known_tasks() if not name.startswith("ppl")]
+    loaded = task_manager().load(names)["tasks"]
+    for name in names:
+        task = loaded[name]
+        doc = next(iter(task.eval_docs))
+        text, choices, target = task.doc_to_text(doc), task.doc_to_choice(doc), task.doc_to_target(doc)
+        assert isinstance(text, str) and text.strip(), name
+        assert len(choices) >= 2 and all(isinstance(c, str) and c for c in choices), name
+        assert target in range(len(choices)), name
+    copa = next(iter(loaded["copa"].eval_docs))
+    connector = {"cause": "because", "effect": "therefore"}[copa["question"]]
+    assert loaded["copa"].doc_to_text(copa) == copa["premise"].strip()[:-1] + " " + connector
+    assert loaded["copa"].doc_to_choice(copa) == [" " + c[0].lower() + c[1:] for c in (copa["choice1"], copa["choice2"])]
+    swag = next(iter(loaded["hellaswag"].eval_docs))
+    assert len(loaded["hellaswag"].doc_to_choice(swag)) == 4 and "[" not in loaded["hellaswag"].doc_to_text(swag)

@@ -64,36 +64,23 @@ def user_text(data: str, **_) -> datasets.DatasetDict:
     return datasets.DatasetDict({"test": load_text(data)})
 
 
-# Prompt helpers copied from lm-eval's own task utilities (super_glue/copa, hellaswag).
+# Prompts are lm-eval's own (super_glue/copa, hellaswag), imported when lm-eval calls them: the YAMLs here can
+# only name functions of this file, which `hf_moeprune.evaluate.perplexity` also imports without lm-eval.
 
 
 def copa_text(doc: dict) -> str:
-    connector = {"cause": "because", "effect": "therefore"}[doc["question"]]
-    return doc["premise"].strip()[:-1] + f" {connector}"
+    from lm_eval.tasks.super_glue.copa.utils import doc_to_text
+
+    return doc_to_text(doc)
 
 
 def copa_choices(doc: dict) -> list[str]:
-    return [" " + _lower_first(doc["choice1"]), " " + _lower_first(doc["choice2"])]
+    from lm_eval.tasks.super_glue.copa.utils import doc_to_choice
 
-
-def _lower_first(text: str) -> str:
-    return text[0].lower() + text[1:]
-
-
-def _hellaswag_clean(text: str) -> str:
-    import re
-
-    text = text.strip().replace(" [title]", ". ")
-    return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
+    return doc_to_choice(doc)
 
 
 def hellaswag_docs(dataset: datasets.Dataset) -> datasets.Dataset:
-    def prepare(doc: dict) -> dict:
-        context = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
-        return {
-            "query": _hellaswag_clean(doc["activity_label"] + ": " + context),
-            "options": [_hellaswag_clean(ending) for ending in doc["endings"]],
-            "gold": int(doc["label"]),
-        }
+    from lm_eval.tasks.hellaswag.utils import process_docs
 
-    return dataset.map(prepare)
+    return process_docs(dataset)
