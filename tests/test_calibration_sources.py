@@ -180,6 +180,57 @@ def test_token_tensors_are_checked_then_packed():
         assert str(raised.value) == message
 
 
+def _bos_tokenizer(tiny_tokenizer):
+    """The character tokenizer, made to add `<s>` (id 2) in front of a text unless told not to."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    backend = copy.deepcopy(tiny_tokenizer.backend_tokenizer)
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", bos_token="<s>", unk_token="<unk>")
+
+
+def test_texts_are_joined_by_eos_without_special_tokens_cut_into_blocks_then_batched(tiny_tokenizer):
+    tokenizer = _bos_tokenizer(tiny_tokenizer)
+    assert tokenizer("ab")["input_ids"] == [2, 69, 70]  # the tokenizer would add <s>; packing must not
+    ids = {c: ord(c) - 32 + 4 for c in "abcdefghij"}
+    eos = tokenizer.eos_token_id
+    stream = [ids["a"], ids["b"], ids["c"], eos, ids["d"], ids["e"], eos, *(ids[c] for c in "fghij"), eos]
+    data = prepare_calibration(["abc", "  ", "de", "fghij"], tokenizer, seq_len=4, batch_size=2)
+    assert [b.tolist() for b in data.batches] == [[stream[0:4], stream[4:8]], [stream[8:12]]]  # 13th token dropped
+    assert data.description == "4 user-supplied texts" and data.batches[0].dtype == torch.long
+    kept = prepare_calibration(["abc", "  ", "de", "fghij"], tokenizer, seq_len=4, batch_size=2, max_sequences=2)
+    assert [b.tolist() for b in kept.batches] == [[stream[0:4], stream[4:8]]]
+    short = prepare_calibration(["ab"], tokenizer, seq_len=4)  # shorter than one block: one short sequence
+    assert [b.tolist() for b in short.batches] == [[[ids["a"], ids["b"], eos]]] and short.seq_len == 3
+    first_two = prepare_calibration(["abc", "de", "fghij"], tokenizer, seq_len=4, num_samples=2)
+    assert [b.tolist() for b in first_two.batches] == [[stream[0:4]]]
+
+
+def test_in_memory_calibration_refusals_say_what_to_pass(tiny_tokenizer):
+    refusals = [
+        ([], tiny_tokenizer, "The calibration set is empty."),
+        (["text"], None, "Calibration texts need a tokenizer: pass tokenizer=... (or load the model from a folder with "
+                         "one)."),
+        (["  ", "\n"], tiny_tokenizer, "The calibration set is empty: every text is blank."),
+        (["text", 3], tiny_tokenizer, "Calibration items must be all strings or all token tensors."),
+        ([[{"role": "user", "content": "hi"}]], tiny_tokenizer,
+         "Calibration items must be all strings or all token tensors (chat messages need chat_template=True)."),
+        ([torch.tensor([], dtype=torch.long), torch.tensor([-1])], None, "Calibration token ids must be >= 0, found -1."),
+        (None, tiny_tokenizer, "This method needs calibration data: pass calibration=list of texts, a Dataset or token "
+                               "ids."),
+        (torch.empty(0, 4, dtype=torch.long), None, "The calibration set is empty: it holds no tokens."),
+    ]
+    for calibration, tokenizer, message in refusals:
+        with pytest.raises(ValueError) as raised:
+            prepare_calibration(calibration, tokenizer, seq_len=4)
+        assert str(raised.value) == message
+    for name, value in (("seq_len", 0), ("batch_size", 1.5), ("max_sequences", True), ("num_samples", -2)):
+        with pytest.raises(ValueError) as raised:
+            prepare_calibration(["text"], tiny_tokenizer, **{name: value})
+        assert str(raised.value) == f"{name} must be a whole number >= 1, got {value!r}."
+
+
 CHAT_ROW = b'{"messages": [{"role": "user", "content": "hi"}]}\n'
 BAD_SOURCES = [  # file name, bytes, keyword arguments, the error after "<path>"
     ("empty.jsonl", b"", {}, ": the file is empty (it has no bytes)."),
