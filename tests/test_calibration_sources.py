@@ -199,12 +199,45 @@ def test_texts_are_joined_by_eos_without_special_tokens_cut_into_blocks_then_bat
     data = prepare_calibration(["abc", "  ", "de", "fghij"], tokenizer, seq_len=4, batch_size=2)
     assert [b.tolist() for b in data.batches] == [[stream[0:4], stream[4:8]], [stream[8:12]]]  # 13th token dropped
     assert data.description == "4 user-supplied texts" and data.batches[0].dtype == torch.long
+    one_batch = prepare_calibration(["abc", "de", "fghij"], tokenizer, seq_len=4, batch_size=3)
+    assert [b.tolist() for b in one_batch.batches] == [[stream[0:4], stream[4:8], stream[8:12]]]
     kept = prepare_calibration(["abc", "  ", "de", "fghij"], tokenizer, seq_len=4, batch_size=2, max_sequences=2)
     assert [b.tolist() for b in kept.batches] == [[stream[0:4], stream[4:8]]]
+    smallest = prepare_calibration(["abc", "de"], tokenizer, seq_len=1, batch_size=1, max_sequences=1, num_samples=1)
+    assert [b.tolist() for b in smallest.batches] == [[[ids["a"]]]]
     short = prepare_calibration(["ab"], tokenizer, seq_len=4)  # shorter than one block: one short sequence
     assert [b.tolist() for b in short.batches] == [[[ids["a"], ids["b"], eos]]] and short.seq_len == 3
     first_two = prepare_calibration(["abc", "de", "fghij"], tokenizer, seq_len=4, num_samples=2)
     assert [b.tolist() for b in first_two.batches] == [[stream[0:4]]]
+
+
+def test_defaults_are_128_sequences_of_256_tokens_in_batches_of_8():
+    data = prepare_calibration(torch.arange(300 * 256).remainder(1000).view(300, 256))
+    assert data.num_sequences == 128 and data.seq_len == 256 and [b.shape[0] for b in data.batches] == [8] * 16
+    packed = prepare_calibration([torch.arange(130 * 256).remainder(1000)])
+    assert data.num_sequences == 128 and packed.batches[0].tolist() == data.batches[0].tolist()
+
+
+def test_in_memory_datasets_take_their_name_split_chat_column_and_num_samples(tmp_path, tiny_tokenizer,
+                                                                               chat_tokenizer):
+    from datasets import DatasetInfo
+
+    named = Dataset.from_dict({"text": ["abc", "de", "fgh"]}, info=DatasetInfo(dataset_name="wiki_sample"))
+    data = prepare_calibration(named, tiny_tokenizer, seq_len=2, num_samples=2)
+    assert data.description == "wiki_sample (3 rows)"
+    assert data.batches[0].tolist() == prepare_calibration(["abc", "de"], tiny_tokenizer, seq_len=2).batches[0].tolist()
+    assert prepare_calibration(Dataset.from_dict({"text": ["abc"]}), tiny_tokenizer, seq_len=2).description == (
+        "datasets.Dataset (1 rows)")
+    messages = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "bye"}]]
+    chats = Dataset.from_dict({"messages": messages, "text": ["unused", "unused"]})
+    rendered = prepare_calibration(chats, chat_tokenizer, seq_len=4, chat_template=True, num_samples=1)
+    expected = prepare_calibration(chat_tokenizer.apply_chat_template(messages[:1], tokenize=False), chat_tokenizer,
+                                   seq_len=4)
+    assert [b.tolist() for b in rendered.batches] == [b.tolist() for b in expected.batches]
+    DatasetDict({"train": Dataset.from_dict({"text": ["abc"]}),
+                 "validation": Dataset.from_dict({"text": ["xyz"]})}).save_to_disk(tmp_path / "saved")
+    held = prepare_calibration(str(tmp_path / "saved"), tiny_tokenizer, seq_len=2, split="validation")
+    assert held.batches[0].tolist() == prepare_calibration(["xyz"], tiny_tokenizer, seq_len=2).batches[0].tolist()
 
 
 def test_in_memory_calibration_refusals_say_what_to_pass(tiny_tokenizer):

@@ -111,12 +111,11 @@ def prepare_calibration(
     if isinstance(calibration, torch.Tensor) and calibration.dim() == 2:
         sequences = calibration.long()
     else:
-        stream = torch.cat(rows) if rows else torch.empty(0, dtype=torch.long)
-        usable = (stream.numel() // seq_len) * seq_len
-        if usable == 0 and stream.numel() > 0:
+        stream = torch.cat(rows)  # `_token_rows` refuses an empty set
+        if 0 < stream.numel() < seq_len:  # fewer tokens than one block: one short sequence
             sequences = stream.view(1, -1)
         else:
-            sequences = stream[:usable].view(-1, seq_len)
+            sequences = stream[: stream.numel() // seq_len * seq_len].view(-1, seq_len)
     if max_sequences is not None:
         sequences = sequences[:max_sequences]
     if sequences.numel() == 0:
