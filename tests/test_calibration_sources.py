@@ -214,6 +214,7 @@ def test_texts_are_joined_by_eos_without_special_tokens_cut_into_blocks_then_bat
 def test_defaults_are_128_sequences_of_256_tokens_in_batches_of_8():
     data = prepare_calibration(torch.arange(300 * 256).remainder(1000).view(300, 256))
     assert data.num_sequences == 128 and data.seq_len == 256 and [b.shape[0] for b in data.batches] == [8] * 16
+    assert prepare_calibration(torch.ones(300, 256, dtype=torch.long), num_samples=5).num_sequences == 5
     packed = prepare_calibration([torch.arange(130 * 256).remainder(1000)])
     assert data.num_sequences == 128 and packed.batches[0].tolist() == data.batches[0].tolist()
 

@@ -75,7 +75,7 @@ def prepare_calibration(
     Args:
         text_column: the dataset column to read (default `text`, or `messages` with `chat_template`).
         split: the split of a folder, saved dataset or Hub dataset (default `train`).
-        num_samples: use only the first N rows / texts, before packing.
+        num_samples: use only the first N rows, texts or token tensors (rows of a 2-D tensor), before packing.
         chat_template: render each row's messages with the tokenizer's chat template (instruct models).
 
     Token ids must be integers in `[0, vocab_size)` when `vocab_size` is given.
@@ -101,14 +101,14 @@ def prepare_calibration(
         description = description or _describe(calibration)
         calibration = dataset_rows(calibration, column, num_samples=num_samples, chat_template=chat_template,
                                    where=description)
-    elif num_samples is not None and isinstance(calibration, (list, tuple)):
+    elif num_samples is not None and (isinstance(calibration, (list, tuple)) or _is_token_matrix(calibration)):
         calibration = calibration[:num_samples]
     if chat_template:
         calibration = apply_chat_template(calibration, tokenizer)
     _check_token_ids(calibration, vocab_size)
     rows = _token_rows(calibration, tokenizer)
     what = description or _describe(calibration)
-    if isinstance(calibration, torch.Tensor) and calibration.dim() == 2:
+    if _is_token_matrix(calibration):
         sequences = calibration.long()
     else:
         stream = torch.cat(rows)  # `_token_rows` refuses an empty set
@@ -222,6 +222,11 @@ def _token_rows(calibration: Any, tokenizer: Any) -> list[torch.Tensor]:
     for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
         rows.append(torch.tensor(list(ids) + ([eos] if eos is not None else []), dtype=torch.long))
     return rows
+
+
+def _is_token_matrix(obj: Any) -> bool:
+    """A 2-D tensor of token ids: its rows are the sequences, used as they are."""
+    return isinstance(obj, torch.Tensor) and obj.dim() == 2
 
 
 def _is_dataset(obj: Any) -> bool:
