@@ -281,7 +281,7 @@ BAD_SOURCES = [  # file name, bytes, keyword arguments, the error after "<path>"
      ", line 2: not UTF-8 text (byte 0xe9 at column 4); calibration text files must be UTF-8."),
     ("latin.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', {},
      ", line 2: not UTF-8 text (byte 0xe9 at column 14); calibration text files must be UTF-8."),
-    ("latin.jsonl.gz", gzip.compress(b'{"text": "ok"}\n{"text": "caf\xe9"}\n'), {},
+    ("latin.jsonl.gz", gzip.compress(b'{"text": "ok"}\n{"text": "caf\xe9"}\n', mtime=0), {},
      ", line 2: not UTF-8 text (byte 0xe9 at column 14); calibration text files must be UTF-8."),
     ("broken.jsonl", b'{"text": "ok"}\n\n{"text": "no end}\n', {},
      ", line 3: malformed JSON (Unterminated string starting at, column 10)."),
@@ -301,7 +301,7 @@ BAD_SOURCES = [  # file name, bytes, keyword arguments, the error after "<path>"
 ]
 
 
-@pytest.mark.parametrize(("name", "content", "options", "error"), BAD_SOURCES)
+@pytest.mark.parametrize(("name", "content", "options", "error"), BAD_SOURCES, ids=[case[0] for case in BAD_SOURCES])
 def test_bad_local_sources_name_the_file_the_line_and_the_problem(tmp_path, name, content, options, error):
     path = tmp_path / name
     path.write_bytes(content)
