@@ -393,6 +393,9 @@ def test_table_shows_missing_values_as_dashes_large_ones_in_exponent_form_and_th
         "ppl   word_perplexity  4  -         1.235e+05   -",
         "copa  acc              8  -         0.5 ± 0.25  -",
     ]
+    uncounted = compare_rows([{"task": "ppl", "metric": "perplexity", "value": 10.0}],
+                             [{"task": "ppl", "metric": "perplexity", "value": 11.0}])
+    assert format_table(uncounted).splitlines()[2] == "ppl   perplexity     10    11       +10.0%"
 
 
 def test_heldout_subset_takes_the_first_documents_in_hash_order_or_all_in_their_own():

@@ -31,6 +31,11 @@ def compare_rows(base: Sequence[dict[str, Any]], reduced: Sequence[dict[str, Any
     return out
 
 
+def _count(n: int | None) -> str:
+    """A row's document count, blank where it has none (a compared row carries `n` as None)."""
+    return "" if n is None else str(n)
+
+
 def _number(value: Any, stderr: Any = None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -49,7 +54,7 @@ def format_table(rows: Sequence[dict[str, Any]], names: tuple[str, str] = ("base
             [
                 r["task"],
                 r["metric"],
-                str(r.get("n", "")),
+                _count(r.get("n")),
                 _number(r["base"], r.get("base_stderr")),
                 _number(r["value"], r.get("stderr")),
                 "-" if r["change"] is None else f"{r['change']:+.1%}",
@@ -58,7 +63,7 @@ def format_table(rows: Sequence[dict[str, Any]], names: tuple[str, str] = ("base
         ]
     else:
         header = ["task", "metric", "n", "value"]
-        body = [[r["task"], r["metric"], str(r.get("n", "")), _number(r["value"], r.get("stderr"))] for r in rows]
+        body = [[r["task"], r["metric"], _count(r.get("n")), _number(r["value"], r.get("stderr"))] for r in rows]
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in [header, *body]]
     lines.insert(1, "  ".join("-" * w for w in widths))
