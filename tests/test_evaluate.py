@@ -289,6 +289,10 @@ def test_perplexity_rows_split_by_domain_and_by_topics_that_have_two_documents_e
     # one domain: no domain rows, topic rows under the task's name; a topic per document: no topic rows
     assert [r["task"] for r in perplexity_rows("t", documents[:4])] == ["t", "t/x", "t/y"]
     assert [r["task"] for r in perplexity_rows("t", documents[1:4])] == ["t"]
+    # topic rows for 2 to MAX_SPLIT_ROWS (12) topics of two documents each, none for 13
+    twelve = _documents([("a", f"t{i:02d}", 1.0, 1) for i in range(12) for _ in range(2)])
+    assert len(perplexity_rows("t", twelve)) == 13
+    assert len(perplexity_rows("t", _documents([("a", f"t{i:02d}", 1.0, 1) for i in range(13) for _ in range(2)]))) == 1
 
 
 def test_compare_rows_pair_each_result_with_the_base_row_of_the_same_task_and_metric():
@@ -340,7 +344,7 @@ def test_own_text_is_read_by_paragraph_by_column_from_gzip_and_from_a_saved_data
 
 def test_saved_results_write_nan_as_null_into_new_folders(tmp_path):
     path = save_results([{"task": "ppl", "value": 3.5, "stderr": float("nan")}], tmp_path / "a" / "b" / "r.json")
-    assert json.loads(path.read_text()) == [{"task": "ppl", "value": 3.5, "stderr": None}]
+    assert path.read_text() == '[\n  {\n    "task": "ppl",\n    "value": 3.5,\n    "stderr": null\n  }\n]\n'
 
 
 def test_data_sources_are_checked_by_kind_before_loading(tmp_path):
@@ -511,3 +515,26 @@ def test_hash_order_sorts_rows_by_the_sha256_of_their_name():
     assert hash_order(names) == sorted(names, key=digest)
     pair = sorted(["x" * 200 + "a", "x" * 200 + "b"], key=lambda text: digest(text[:201]), reverse=True)
     assert hash_order(pair) == pair  # only the first 200 characters count: equal keys keep their order
+
+
+@needs_task_data
+def test_a_model_built_in_memory_is_scored_with_the_given_tokenizer_and_default_window(tiny, tokenizer, capfd):
+    """No folder to fall back on: lm-eval must use the tokenizer passed in; the default window is 256 tokens;
+    progress=True draws lm-eval's bars, progress=False none."""
+    from transformers import AutoModelForCausalLM
+
+    built = AutoModelForCausalLM.from_config(tiny.config).eval()
+    built.load_state_dict(tiny.state_dict())
+    built.config._name_or_path = ""
+    capfd.readouterr()
+    default = evaluate_model(built, tokenizer, tasks=["ppl", "copa"], limit=2, progress=False)
+    assert capfd.readouterr().err == ""
+    explicit = evaluate_model(tiny, tokenizer, tasks=["ppl", "copa"], limit=2, ppl_window=256, batch_size=8)
+    assert "%|" in capfd.readouterr().err
+    assert [(r["task"], r["metric"]) for r in default] == [(r["task"], r["metric"]) for r in explicit]
+    assert [r["value"] for r in default] == [r["value"] for r in explicit]
+    shorter = evaluate_model(tiny, tokenizer, tasks=["ppl"], limit=2, ppl_window=128, progress=False)
+    assert shorter[0]["value"] != pytest.approx(default[0]["value"])
+    with pytest.raises(ValueError) as raised:
+        evaluate_model(tiny, tokenizer, tasks=[" "], progress=False)
+    assert str(raised.value) == f"No task given. Known tasks: {', '.join(known_tasks())}; or give data=FILE."
