@@ -380,6 +380,12 @@ def test_a_hub_dataset_is_read_by_split_and_column_and_a_missing_one_is_named(hu
         ["held"], "Hub dataset me/cal, split validation, column 'body', 1 rows")
     assert ("GET", "/datasets/me/cal/resolve/") in {(m, p[: len("/datasets/me/cal/resolve/")])
                                                      for m, p in hub_datasets.requests}
+    hub_datasets.add_repo_files("me/latin", {"data/train.jsonl": b'{"text": "ok"}\n{"text": "caf\xe9"}\n'},
+                                repo_type="dataset")
+    with pytest.raises(ValueError) as raised:
+        read_calibration_source("me/latin")
+    assert str(raised.value) == ("Hub dataset me/latin: the 'text' column is not UTF-8 text (unexpected end of data); "
+                                 "calibration text must be UTF-8.")
     with pytest.raises(ValueError) as raised:
         read_calibration_source("me/absent")
     assert str(raised.value).startswith("me/absent: datasets could not read it (DatasetNotFoundError: ")

@@ -178,7 +178,7 @@ def evaluate_model(
     with quiet(progress):
         loaded = task_manager(data).load(names)["tasks"]
     rolling = [loaded[n] for n in names if loaded[n].OUTPUT_TYPE == "loglikelihood_rolling"]
-    others = [loaded[n] for n in names if loaded[n].OUTPUT_TYPE != "loglikelihood_rolling"]
+    others = [loaded[n] for n in names if loaded[n] not in rolling]
     by_task: dict[str, list[dict[str, Any]]] = {}
     if others:
         results, _ = run_lm_eval(model, tokenizer, others, limit, batch_size, None, progress)
