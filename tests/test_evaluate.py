@@ -525,7 +525,7 @@ def test_a_model_built_in_memory_is_scored_with_the_given_tokenizer_and_default_
 
     built = AutoModelForCausalLM.from_config(tiny.config).eval()
     built.load_state_dict(tiny.state_dict())
-    built.config._name_or_path = ""
+    built.name_or_path = ""  # no folder to load a tokenizer from
     capfd.readouterr()
     default = evaluate_model(built, tokenizer, tasks=["ppl", "copa"], limit=2, progress=False)
     assert capfd.readouterr().err == ""
