@@ -75,9 +75,10 @@ def _logprob(model, inputs: list[int], targets: list[int]) -> float:
 def test_unknown_task_is_refused_with_the_known_ones(tiny, tokenizer):
     with pytest.raises(ValueError) as error:
         evaluate_model(tiny, tokenizer, tasks=["ppl", "arc_eesy"], limit=1, progress=False)
-    message = str(error.value)
-    assert "arc_eesy" in message
-    assert all(name in message for name in ("ppl", "ppl_bbc", "arc_easy", "piqa", "hellaswag", "rte"))
+    assert str(error.value) == f"Unknown task(s) arc_eesy. Known tasks: {', '.join(known_tasks())}."
+    assert all(name in known_tasks() for name in ("ppl", "ppl_bbc", "arc_easy", "piqa", "hellaswag", "rte"))
+    with pytest.raises(ValueError, match=r"^Unknown task\(s\) a, b\. "):
+        check_tasks(["a", "b"])
     assert check_tasks(["ppl", " arc_easy", "ppl"]) == ["ppl", "arc_easy"]
     assert known_tasks()[0] == "ppl" and "ppl_data" not in known_tasks()
 
@@ -273,7 +274,11 @@ def test_perplexity_summary_is_the_token_weighted_ratio_with_its_delta_method_er
     assert result["stderr"] == pytest.approx(math.exp(ratio) * stderr_ratio, rel=1e-12)
     assert result["bits_per_byte"] == pytest.approx(nll.sum() / math.log(2) / text_bytes, rel=1e-12)
     assert (result["tokens"], result["documents"]) == (36, 3)
-    assert math.isnan(summary(documents[:1])["stderr"])
+    assert math.isnan(summary(documents[:1])["stderr"]) and not math.isnan(summary(documents[:2])["stderr"])
+    one_token = summary([{"doc": {"text": "a"}, "nll": 2.0, "tokens": 1}])
+    assert (one_token["perplexity"], one_token["bits_per_byte"]) == (pytest.approx(math.exp(2.0)), 2.0 / math.log(2))
+    nothing = summary([])
+    assert nothing["perplexity"] == 1.0 and math.isnan(nothing["bits_per_byte"]) and math.isnan(nothing["stderr"])
 
 
 def test_perplexity_rows_split_by_domain_and_by_topics_that_have_two_documents_each():
@@ -289,6 +294,8 @@ def test_perplexity_rows_split_by_domain_and_by_topics_that_have_two_documents_e
     # one domain: no domain rows, topic rows under the task's name; a topic per document: no topic rows
     assert [r["task"] for r in perplexity_rows("t", documents[:4])] == ["t", "t/x", "t/y"]
     assert [r["task"] for r in perplexity_rows("t", documents[1:4])] == ["t"]
+    no_domain = [{"doc": {"text": "x"}, "nll": 1.0, "tokens": 1}]
+    assert [r["task"] for r in perplexity_rows("t", documents[4:] + no_domain)] == ["t", "t/all", "t/b"]
     # topic rows for 2 to MAX_SPLIT_ROWS (12) topics of two documents each, none for 13
     twelve = _documents([("a", f"t{i:02d}", 1.0, 1) for i in range(12) for _ in range(2)])
     assert len(perplexity_rows("t", twelve)) == 13
@@ -527,8 +534,12 @@ def test_a_model_built_in_memory_is_scored_with_the_given_tokenizer_and_default_
     built.load_state_dict(tiny.state_dict())
     built.name_or_path = ""  # no folder to load a tokenizer from
     capfd.readouterr()
+    torch.manual_seed(7)
     default = evaluate_model(built, tokenizer, tasks=["ppl", "copa"], limit=2, progress=False)
     assert capfd.readouterr().err == ""
+    drawn = torch.rand(3)
+    torch.manual_seed(7)
+    assert torch.equal(drawn, torch.rand(3))  # the caller's random state is left alone
     explicit = evaluate_model(tiny, tokenizer, tasks=["ppl", "copa"], limit=2, ppl_window=256, batch_size=8)
     assert "%|" in capfd.readouterr().err
     assert [(r["task"], r["metric"]) for r in default] == [(r["task"], r["metric"]) for r in explicit]
