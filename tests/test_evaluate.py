@@ -331,7 +331,7 @@ def test_own_text_is_read_by_paragraph_by_column_from_gzip_and_from_a_saved_data
     from hf_moeprune.calibration import read_calibration_source
 
     text_file = tmp_path / "notes.txt"
-    text_file.write_text("First paragraph,\nstill the first.\n\n\n\nSecond one.")
+    text_file.write_text("First paragraph,\nstill the first.\n\n\nSecond one.\n")  # datasets leaves "\nSecond one.\n"
     assert list(load_text(text_file)["text"]) == ["First paragraph,\nstill the first.", "Second one."]
     assert read_calibration_source(text_file)[0] == ["First paragraph,\nstill the first.", "Second one."]
     rows = [{"text": "kept", "domain": "a"}, {"text": "  ", "domain": "b"}, {"text": "also kept", "domain": "c"}]
