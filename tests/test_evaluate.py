@@ -549,3 +549,15 @@ def test_a_model_built_in_memory_is_scored_with_the_given_tokenizer_and_default_
     with pytest.raises(ValueError) as raised:
         evaluate_model(tiny, tokenizer, tasks=[" "], progress=False)
     assert str(raised.value) == f"No task given. Known tasks: {', '.join(known_tasks())}; or give data=FILE."
+
+
+def test_evaluation_without_lm_eval_says_how_to_install_it(monkeypatch):
+    import sys
+
+    from hf_moeprune.evaluate.harness import task_manager
+
+    monkeypatch.setitem(sys.modules, "lm_eval.tasks", None)
+    with pytest.raises(ModuleNotFoundError) as raised:
+        task_manager()
+    assert str(raised.value) == ("Evaluation runs lm-evaluation-harness: pip install 'lm-eval==0.4.13' "
+                                 "(or `pip install hf_moeprune[eval]`).")
