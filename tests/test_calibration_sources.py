@@ -209,6 +209,10 @@ def test_texts_are_joined_by_eos_without_special_tokens_cut_into_blocks_then_bat
     assert [b.tolist() for b in short.batches] == [[[ids["a"], ids["b"], eos]]] and short.seq_len == 3
     first_two = prepare_calibration(["abc", "de", "fghij"], tokenizer, seq_len=4, num_samples=2)
     assert [b.tolist() for b in first_two.batches] == [[stream[0:4]]]
+    tokenizer.eos_token = None  # nothing to join with: the texts follow each other
+    assert prepare_calibration(["ab", "cd"], tokenizer, seq_len=4).batches[0].tolist() == [
+        [ids["a"], ids["b"], ids["c"], ids["d"]]]
+    assert prepare_calibration([torch.tensor([5])], seq_len=4).batches[0].tolist() == [[5]]  # a single token
 
 
 def test_defaults_are_128_sequences_of_256_tokens_in_batches_of_8():
