@@ -326,9 +326,8 @@ def test_compare_rows_pair_each_result_with_the_base_row_of_the_same_task_and_me
 def test_own_text_is_read_by_paragraph_by_column_from_gzip_and_from_a_saved_dataset(tmp_path):
     from datasets import Dataset, DatasetDict
 
-    from hf_moeprune.evaluate import load_text
-
     from hf_moeprune.calibration import read_calibration_source
+    from hf_moeprune.evaluate import load_text
 
     text_file = tmp_path / "notes.txt"
     text_file.write_text("First paragraph,\nstill the first.\n\n\nSecond one.\n")  # datasets leaves "\nSecond one.\n"
