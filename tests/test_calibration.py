@@ -223,3 +223,62 @@ def test_co_activation_skips_the_no_expert_sentinels():
             for j in chosen:
                 expected[i, j] += 1
     torch.testing.assert_close(stats.coactivation, expected, rtol=0, atol=0)
+
+
+def test_input_norms_sum_every_squared_input_over_all_batches_in_float64():
+    """Wanda's ||X_j||^2 for a linear: every token of every batch, squared, per input feature."""
+    from hf_moeprune.calibration.sequential import InputNormCollector
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(5, 3)
+    batches = [torch.randn(2, 4, 5), torch.randn(1, 3, 5)]
+    with InputNormCollector({"proj": linear}) as collector:
+        for batch in batches:
+            linear(batch)
+    expected = sum(b.reshape(-1, 5).double().pow(2).sum(0) for b in batches)
+    assert collector.sq["proj"].dtype == torch.float64
+    assert torch.allclose(collector.sq["proj"], expected, rtol=1e-6, atol=0)  # float32 squares, float64 sums
+    linear(batches[0])  # the hooks are gone after the block
+    assert torch.allclose(collector.sq["proj"], expected, rtol=1e-6, atol=0)
+
+
+def test_decoder_layers_are_the_longest_list_of_one_block_type_first_found_on_ties():
+    from torch import nn
+
+    from hf_moeprune.calibration.sequential import find_decoder_layers, layer_output
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = nn.ModuleList([nn.Linear(2, 2) for _ in range(4)])  # longer, but of linears
+
+    class Model(nn.Module):
+        def __init__(self, layers: int) -> None:
+            super().__init__()
+            self.mixed = nn.ModuleList([nn.ReLU(), nn.Tanh(), nn.ReLU()])
+            self.layers = nn.ModuleList([Block() for _ in range(layers)])
+            self.twins = nn.ModuleList([Block() for _ in range(layers)])
+
+    one = Model(1)
+    assert find_decoder_layers(one) == ("layers", one.layers)
+    two = Model(2)
+    assert find_decoder_layers(two) == ("layers", two.layers)
+    with pytest.raises(ValueError) as raised:
+        find_decoder_layers(nn.Sequential(nn.Linear(2, 2)))
+    assert str(raised.value) == "Sequential has no list of decoder layers; sequential calibration needs one."
+    hidden = torch.ones(2)
+    assert layer_output((hidden, "cache")) is hidden and layer_output(hidden) is hidden
+
+
+def test_spilled_batches_come_back_equal_and_their_folder_goes_on_release(tmp_path):
+    from hf_moeprune.calibration.sequential import DiskBatches
+
+    batches = DiskBatches(tmp_path)
+    tensors = [torch.arange(6.0).view(2, 3), torch.ones(1, 3)]
+    for tensor in tensors:
+        batches.append(tensor)
+    assert len(batches) == 2 and all(torch.equal(a, b) for a, b in zip(batches, tensors, strict=True))
+    assert batches.folder.parent == tmp_path and len(list(batches.folder.iterdir())) == 2
+    batches.release()
+    assert not batches.folder.exists()
+    batches.release()  # a second release (a resumed run's cleanup) is harmless
