@@ -564,3 +564,12 @@ def test_evaluation_without_lm_eval_says_how_to_install_it(monkeypatch):
         task_manager()
     assert str(raised.value) == ("Evaluation runs lm-evaluation-harness: pip install 'lm-eval==0.4.13' "
                                  "(or `pip install hf_moeprune[eval]`).")
+
+
+def test_a_heldout_domain_task_reads_that_domain_only():
+    from hf_moeprune.evaluate.tasks.sources import heldout
+
+    every = heldout()["test"]
+    bbc = heldout("bbc")["test"]
+    assert set(bbc["domain"]) == {"bbc"} and len(bbc) == sum(d == "bbc" for d in every["domain"]) > 0
+    assert len(every) == len(heldout_documents())
