@@ -468,6 +468,9 @@ def test_smollm2_reference_check_prints_each_figure_beside_its_reference(tiny, t
         assert row["n"] == 4 and row.get("reference") == reference
         if reference is not None:
             assert row["z"] == round((row["value"] - reference) / row["stderr"], 2)
+    exact = [{"task": "rte", "metric": "acc", "value": 1.0, "stderr": 0.0, "n": 4}]
+    monkeypatch.setattr("hf_moeprune.evaluate.evaluate_model", lambda *args, **kwargs: [dict(r) for r in exact])
+    assert [row["z"] for row in reference_smollm2.main(argv)] == [None]  # no z-score without a stderr
     monkeypatch.setattr(reference_smollm2.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModuleNotFoundError) as absent:
         reference_smollm2.smollm2_folder()
