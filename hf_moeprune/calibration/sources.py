@@ -202,7 +202,7 @@ def load_data_file(path: Path, split: str | None = None) -> Any:
         options["delimiter"] = "\t"
     files = str(path)
     table = _load(files, lambda: datasets.load_dataset(loader, data_files=files, split=DEFAULT_SPLIT, **options))
-    if loader == "text":  # a paragraph after more than one blank line keeps the extra newlines
+    if loader == "text":  # datasets splits on "\n\n": an odd run of newlines or the file's last one stays
         table = table.map(lambda row: {DEFAULT_TEXT_COLUMN: row[DEFAULT_TEXT_COLUMN].strip()})
     return table
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..calibration.sources import DATA_FILE_LOADERS, data_file_loader, load_data_file
-
-TEXT_COLUMN = "text"
+from ..calibration.sources import DEFAULT_TEXT_COLUMN as TEXT_COLUMN
 
 
 def check_text_source(data: str | Path) -> Path:
@@ -32,8 +31,8 @@ def check_text_source(data: str | Path) -> Path:
 def load_text(data: str | Path):
     """The documents of `data` as a `datasets.Dataset` with a "text" column (and any others it has).
 
-    A `.txt` file gives one document per paragraph (blank-line separated, stripped); `.jsonl`, `.json`, `.csv` and
-    `.parquet` need a "text" column (a "domain" or "topic" column splits the perplexity by its values); a
+    A `.txt` or `.md` file gives one document per paragraph (blank-line separated, stripped); the other formats of
+    `load_data_file` need a "text" column (a "domain" or "topic" column splits the perplexity by its values); a
     folder is a dataset written by `save_to_disk` (of a `DatasetDict`, its first split).
     """
     import datasets
